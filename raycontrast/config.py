@@ -1,0 +1,380 @@
+"""Typed, frozen configuration for a raycontrast run, and loading it from YAML with dotted overrides.
+
+One tree (`Config`) describes a whole run: data, model, loss, memory, optimiser, training, search and storage.
+Every default lives here with a comment naming its source. `load_config(path, overrides)` is the only way a
+config is built from files, the CLI's `--set key=value` and Tune trials, so the same dotted key
+(`loss.temperature`) means the same thing everywhere and names the same result column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "apply_overrides",
+    "flatten",
+    "known_keys",
+    "load_config",
+    "parse_overrides",
+    "to_yaml",
+]
+
+NUM_CLASSES = {"canvases": 13, "cityscapes": 19}  # canvases: 10 digits + 3 textures; Cityscapes: 19 train ids
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong. `key` is the dotted key, when one is to blame."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunSection(_Section):
+    name: str = Field("raycontrast", min_length=1)  # experiment folder under storage_path
+    storage_path: str = (
+        "results"  # local dir, NFS mount or s3://bucket/prefix; relative paths are made absolute
+    )
+    s3_endpoint: str | None = None  # host:port of an S3-compatible store (MinIO, Ceph); None = AWS
+    s3_scheme: Literal["http", "https"] = "https"  # plain http only for loopback / private test stores
+    seed: int = 0  # seeds data order, sampling and Optuna
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if "/" in v or v in {".", ".."}:
+            raise ValueError("must be a plain folder name (no '/')")
+        return v
+
+
+class CanvasSection(_Section):
+    train_images: int = Field(512, ge=1)  # demo data size: generated in seconds (DESIGN.md)
+    val_images: int = Field(128, ge=1)
+    height: int = Field(128, ge=32)
+    width: int = Field(256, ge=32)
+    seed: int = 0
+
+
+class DataSection(_Section):
+    dataset: Literal["canvases", "cityscapes"] = "cityscapes"  # the paper's benchmark
+    root: str = "data/cityscapes"  # Cityscapes root (leftImg8bit/, gtFine/) or the demo-data cache dir
+    crop_size: tuple[int, int] = (512, 1024)  # ALGORITHM.md s6: crop 512x1024
+    scale_range: tuple[float, float] = (0.5, 2.0)  # ALGORITHM.md s6: random scale 0.5-2.0
+    loader_workers: int = Field(2, ge=0)  # DataLoader processes per training worker
+    canvases: CanvasSection = CanvasSection()
+
+    @field_validator("crop_size")
+    @classmethod
+    def _positive_crop(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8:
+            raise ValueError("both sides must be >= 8 pixels")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered_scales(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return v
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+
+class ModelSection(_Section):
+    variant: Literal["w18_small", "w18_small_v2", "w18", "w48"] = "w48"  # ALGORITHM.md s6: HRNet-W48 recipe
+    proj_dim: int = Field(256, ge=1)  # ALGORITHM.md s6: projection dim 256
+    pretrained: str | None = None  # local ImageNet HRNet checkpoint (.pth/.safetensors); never downloaded
+    sync_bn: bool = True  # ALGORITHM.md s5: SyncBN under DDP on GPUs (ignored on CPU)
+    channels_last: bool = False  # memory format for convs; faster on recent GPUs with AMP
+
+
+class LossSection(_Section):
+    temperature: float = Field(0.1, gt=0)  # ALGORITHM.md s6: t = 0.1 (official README best)
+    base_temperature: float = Field(0.07, gt=0)  # ALGORITHM.md s6: bt = 0.07
+    max_samples: int = Field(1024, ge=1)  # ALGORITHM.md s6: 1024 anchors per process
+    max_views: int = Field(100, ge=1)  # ALGORITHM.md s6: 100 views per class
+    weight: float = Field(0.1, ge=0)  # ALGORITHM.md s6: loss_weight 0.1
+    warmup_iters: int = Field(5000, ge=0)  # ALGORITHM.md s6: official hard switch at 5000 of 40k
+    ignore_index: int = 255  # Cityscapes ignore label
+    class_weights: tuple[float, ...] | None = None  # optional CE class weights, one per class
+
+    @field_validator("class_weights")
+    @classmethod
+    def _nonneg_weights(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and (not v or any(w < 0 or not math.isfinite(w) for w in v)):
+            raise ValueError("must be a non-empty list of finite weights >= 0")
+        return v
+
+
+class MemorySection(_Section):
+    size: int = Field(0, ge=0)  # slots per class per queue; 0 = off (ALGORITHM.md s6: 5000 when enabled)
+    pixel_update_freq: int = Field(10, ge=1)  # ALGORITHM.md s4: 10 pixels per class per image
+
+
+class OptimSection(_Section):
+    lr: float = Field(0.01, gt=0)  # ALGORITHM.md s6: SGD lr 0.01
+    momentum: float = Field(0.9, ge=0, lt=1)  # ALGORITHM.md s6
+    weight_decay: float = Field(5e-4, ge=0)  # ALGORITHM.md s6 (official; mmseg uses 2e-4)
+    poly_power: float = Field(0.9, ge=0)  # ALGORITHM.md s6: poly decay power 0.9
+    min_lr: float = Field(0.0, ge=0)  # floor of the poly schedule
+    grad_clip: float | None = Field(None, gt=0)  # max global grad norm; None = no clipping
+
+
+class TrainSection(_Section):
+    iterations: int = Field(40_000, ge=1)  # ALGORITHM.md s6: 40k iterations
+    batch_size: int = Field(2, ge=1)  # per worker; ALGORITHM.md s6: 4 GPUs x 2 images
+    workers: int = Field(4, ge=0)  # Ray Train workers; 0 = in-process local mode (no Ray actors)
+    use_gpu: bool = False  # one GPU per worker when true
+    cpus_per_worker: float = Field(1.0, gt=0)  # CPU reservation of each Train worker
+    amp: bool = False  # mixed precision (contrast term stays float32)
+    eval_interval: int = Field(4000, ge=1)  # iterations between evaluations == Ray reports
+    log_interval: int = Field(50, ge=1)  # iterations between progress lines
+    checkpoint_interval: int = Field(4000, ge=1)  # iterations between checkpoints (rank 0)
+    eval_mode: Literal["whole", "slide"] = "whole"  # ALGORITHM.md s6: single-scale whole image
+    max_failures: int = Field(1, ge=-1)  # worker-group restarts (-1 = unlimited)
+    num_to_keep: int = Field(2, ge=1)  # checkpoints kept, best by val mIoU
+    max_nonfinite_steps: int = Field(3, ge=1)  # consecutive non-finite losses before the run fails
+    threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None = cpus_per_worker
+
+
+class TuneSection(_Section):
+    # Default space: the three knobs the paper studies (temperature, memory size, loss weight).
+    space: dict[str, Any] = {
+        "loss.temperature": {"loguniform": [0.03, 0.5]},
+        "memory.size": {"choice": [0, 1000, 2500, 5000]},
+        "loss.weight": {"loguniform": [0.01, 1.0]},
+    }
+    num_samples: int = Field(16, ge=1)  # trials in the search
+    scheduler: Literal["asha", "fifo"] = "asha"  # ASHA early stopping on training iterations
+    grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA halving rate
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None = derived from the cluster's resources
+    max_failures: int = Field(1, ge=0)  # trial restarts on failure
+    # Published settings, tried first (ALGORITHM.md s6/s7): in-batch t 0.1 / w 0.1, memory t 0.07 / w 1.0 / 5000.
+    points_to_evaluate: tuple[dict[str, Any], ...] = (
+        {"loss.temperature": 0.1, "loss.weight": 0.1, "memory.size": 0},
+        {"loss.temperature": 0.07, "loss.weight": 1.0, "memory.size": 5000},
+    )
+
+    @field_validator("space")
+    @classmethod
+    def _nonempty(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("the search space is empty: declare at least one key, e.g. 'loss.temperature'")
+        return v
+
+
+class Config(_Section):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    memory: MemorySection = MemorySection()
+    optim: OptimSection = OptimSection()
+    train: TrainSection = TrainSection()
+    tune: TuneSection = TuneSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        k = self.data.num_classes
+        cw = self.loss.class_weights
+        if cw is not None and len(cw) != k:
+            raise ValueError(
+                f"loss.class_weights: needs {k} weights for dataset '{self.data.dataset}', got {len(cw)}"
+            )
+        if self.loss.ignore_index in range(k):
+            raise ValueError(
+                f"loss.ignore_index: {self.loss.ignore_index} is a class id; use a value outside 0..{k - 1}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------- keys
+
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_fields
+
+
+def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of the config tree, e.g. ['run.name', ..., 'loss.temperature', ...]."""
+    keys = []
+    for name, field in _section_fields(model).items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known sections: {', '.join(Config.model_fields)}"
+    return ConfigError(f"unknown config key '{key}'{hint}", key=key)
+
+
+def _check_key(key: str) -> None:
+    model: type[BaseModel] = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = _section_fields(model)
+        if part not in fields:
+            raise _unknown_key_error(key)
+        ann = fields[part].annotation
+        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
+        last = i == len(parts) - 1
+        if is_section and last:
+            raise ConfigError(
+                f"'{key}' is a section, not a value; set one of its keys, e.g. '{known_keys(ann, key + '.')[0]}'",
+                key,
+            )
+        if not is_section and not last:
+            raise _unknown_key_error(key)
+        if is_section:
+            model = ann
+
+
+# --------------------------------------------------------------------------------------------- values
+
+
+def _describe(err: Mapping[str, Any]) -> tuple[str, str]:
+    loc = [str(p) for p in err["loc"] if not str(p).isdigit()]
+    key = ".".join(loc)
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if err["type"] == "extra_forbidden":
+        return key, str(_unknown_key_error(key))
+    got = err.get("input")
+    shown = "" if err["type"] in {"missing"} or isinstance(got, dict) else f" (got {got!r})"
+    if key:
+        return key, f"{key}: {msg}{shown}"
+    # model-level checks start their message with the dotted key they blame
+    head = msg.split(":", 1)[0]
+    return (head if "." in head and " " not in head else ""), msg
+
+
+def _validate(data: Mapping[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first_key, lines = None, []
+        for err in exc.errors():
+            key, line = _describe(err)
+            first_key = first_key or key or None
+            lines.append(f"  - {line}")
+        raise ConfigError(f"invalid config ({source}):\n" + "\n".join(lines), key=first_key) from None
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _plain(value: Any) -> Any:
+    """Turn pydantic dumps (tuples) into YAML-friendly lists, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def apply_overrides(
+    base: Config | Mapping[str, Any], overrides: Mapping[str, Any], source: str = "overrides"
+) -> Config:
+    """Return `base` with dotted-key `overrides` applied (`{"loss.temperature": 0.2}`), validated.
+
+    The same function serves the CLI's `--set` and every Tune trial, so both fail the same way.
+    """
+    tree = _plain(base.model_dump() if isinstance(base, Config) else dict(base))
+    for key, value in overrides.items():
+        _check_key(key)
+        _set_dotted(tree, key, _plain(value))
+    return _validate(tree, source)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML config (safe_load only) and apply dotted-key overrides; `path=None` uses the defaults."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(
+                f"config file not found: {p} (pass an existing YAML file, e.g. configs/demo.yaml)"
+            )
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{p} must hold a mapping of sections (run:, data:, ...), got {type(loaded).__name__}"
+            )
+        tree = loaded
+        _validate(tree, source)  # report file errors against the file, before overrides
+    return apply_overrides(tree, overrides or {}, source if not overrides else f"{source} + overrides")
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parse CLI `key=value` strings; values are YAML scalars/lists (`0.2`, `true`, `[256, 512]`, `null`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. loss.temperature=0.2")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted-key view of every leaf value (`{'loss.temperature': 0.1, ...}`), for tables and logs."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and not (
+            prefix.endswith("space.") or prefix.endswith("points_to_evaluate.")
+        ):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(_plain(cfg.model_dump()), "")
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as a complete YAML document (what `load_config` reads back to the same Config)."""
+    return yaml.safe_dump(_plain(cfg.model_dump()), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Datasets and joint image/label transforms."""
