@@ -1,0 +1,58 @@
+"""``build_dataset``: the one place that turns plain data arguments into a dataset with its transform."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from torch.utils.data import Dataset
+
+from raycontrast.data import canvases, cityscapes
+from raycontrast.data.transforms import build_eval_transform, build_train_transform
+
+DatasetName = Literal["canvases", "cityscapes"]
+_CANVAS_ARGS = {"num_images", "height", "width", "seed", "digit_size"}
+
+
+def dataset_info(name: DatasetName) -> tuple[int, tuple[str, ...]]:
+    """``(num_classes, class_names)`` of a dataset, without building it."""
+    if name == "canvases":
+        return canvases.NUM_CLASSES, canvases.CLASS_NAMES
+    if name == "cityscapes":
+        return cityscapes.NUM_CLASSES, cityscapes.CLASS_NAMES
+    raise ValueError(f"unknown dataset {name!r}; allowed: 'canvases', 'cityscapes'")
+
+
+def build_dataset(
+    name: DatasetName,
+    split: str,
+    *,
+    root: str | Path | None,
+    crop_size: tuple[int, int],
+    scale_range: tuple[float, float],
+    train: bool,
+    canvas_args: dict[str, Any] | None = None,
+) -> Dataset:
+    """Dataset yielding ``(image float32 [3, H, W], label int64 [H, W])``.
+
+    ``train=True``: random rescale in ``scale_range`` -> random ``crop_size`` crop (cat-max-ratio 0.75,
+    ignore padding) -> flip -> photometric distortion -> normalise; otherwise full size, normalise only.
+    For canvases ``root`` is the cache folder (None: no cache) and ``canvas_args`` holds
+    ``CanvasDataset`` keyword arguments (num_images, height, width, seed, digit_size).
+    """
+    dataset_info(name)  # validates the name
+    ignore = canvases.IGNORE_INDEX if name == "canvases" else cityscapes.IGNORE_INDEX
+    if train:
+        transform = build_train_transform(tuple(crop_size), tuple(scale_range), ignore_index=ignore)
+    else:
+        transform = build_eval_transform()
+    if name == "canvases":
+        unknown = set(canvas_args or {}) - _CANVAS_ARGS
+        if unknown:
+            raise ValueError(f"canvas_args: unknown keys {sorted(unknown)}; allowed: {sorted(_CANVAS_ARGS)}")
+        return canvases.CanvasDataset(root, split, transform=transform, **(canvas_args or {}))
+    if canvas_args:
+        raise ValueError(f"canvas_args {sorted(canvas_args)} only apply to dataset 'canvases', not {name!r}")
+    if root is None:
+        raise ValueError("dataset 'cityscapes' needs root: the folder holding leftImg8bit/ and gtFine/")
+    return cityscapes.CityscapesDataset(root, split, transform=transform)
