@@ -1,0 +1,189 @@
+"""analyze(): best trial and config, top-k, importance, plots and report from hand-made tables."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+
+from raycontrast.analyze import analyze, param_importance
+from raycontrast.config import apply_overrides, flatten, load_config
+from raycontrast.results import ResultsWriter, load_results
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+SEARCHED = ["loss.temperature", "loss.weight", "memory.size"]
+CLASSES = [f"class{i}" for i in range(13)]
+T_LOW, T_HIGH = 0.05, 0.5
+
+
+def _miou(temperature: float) -> float:
+    """The value is set by the temperature alone: 0.2 at T_LOW rising to 0.7 at T_HIGH (log scale)."""
+    return 0.2 + 0.5 * math.log(temperature / T_LOW) / math.log(T_HIGH / T_LOW)
+
+
+def build_search(tables_dir: Path, n: int, *, errored: int | None = None, stopped: int | None = None) -> dict:
+    """n trials `t00`..; trial `errored` fails with a non-finite loss, trial `stopped` reports one window only.
+
+    loss.weight and memory.size are noise: drawn independently of the temperature.
+    Returns {trial_id: (temperature, expected best mIoU)}.
+    """
+    base = load_config(SMOKE)  # 6 iterations, eval every 2 -> reports at 2, 4, 6
+    rng = np.random.default_rng(1)
+    clock = [1000.0]
+    w = ResultsWriter(
+        tables_dir,
+        class_names=CLASSES,
+        searched_keys=SEARCHED,
+        target_iterations=base.train.iterations,
+        clock=lambda: clock[0],
+    )
+    temps = np.exp(np.linspace(math.log(T_LOW), math.log(T_HIGH), n))[rng.permutation(n)]
+    expected = {}
+    for i, t in enumerate(temps):
+        tid = f"t{i:02d}"
+        cfg = apply_overrides(
+            base,
+            {
+                "loss.temperature": float(t),
+                "loss.weight": float(rng.uniform(0.05, 1.0)),
+                "memory.size": int(rng.choice([0, 50])),
+            },
+        )
+        flat, top = flatten(cfg), _miou(float(t))
+        clock[0] += 10.0
+        w.on_trial_start(tid, flat)
+        iters, reported = ([2] if i == stopped else [2, 4, 6]), []
+        for it in iters:
+            clock[0] += 3.0
+            # peak at iteration 4 for odd trials (then a dip), at the last one for even trials
+            v = top * (it / 6) if i % 2 == 0 or it < 4 else (top if it == 4 else top - 0.05)
+            if i == errored:
+                v = 0.99  # a high value before failing must not make it the best
+            w.on_report(tid, flat, _metrics(it, v, i))
+            reported.append(v)
+        if i == errored:
+            w.on_trial_end(
+                tid, "ERROR", error="Traceback ...\nNonFiniteLossError: non-finite loss: 3 steps at it 6"
+            )
+        else:
+            w.on_trial_end(tid, "TERMINATED")
+            expected[tid] = (float(t), max(reported))
+    return expected
+
+
+def _metrics(it: int, miou: float, i: int) -> dict:
+    ious = [miou + 0.02 * (c - 6) for c in range(12)] + [float("nan")]
+    return {
+        "iteration": it, "epoch": it // 2, "lr": 0.01 * (1 - it / 7), "loss": 2.0 / it, "ce_loss": 1.5 / it,
+        "contrast_loss": 5.0 / it + 0.1 * i, "val_miou": miou, "val_pixel_acc": 0.5 + miou / 2,
+        "val_class_iou": ious, "time_s": 1.0 * it, "worker_seconds": 3.0 * it, "peak_rss_mb": 900.0 + it,
+        "nonfinite_steps": 0, "images_per_s": 4.0,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    exp = tmp_path_factory.mktemp("store") / "smoke"
+    expected = build_search(exp / "tables", 6, errored=2, stopped=5)
+    report = analyze(exp, top_k=3)
+    return exp, expected, report
+
+
+def test_best_trial_and_config(search):
+    exp, expected, report = search
+    best_id = max(expected, key=lambda k: expected[k][1])
+    assert report.best_trial_id == best_id
+    assert report.best_val_miou == pytest.approx(expected[best_id][1])
+    cfg = load_config(report.paths["best_config"])
+    assert cfg.loss.temperature == pytest.approx(expected[best_id][0])
+    trials = load_results(exp)["trials"].set_index("trial_id")
+    assert cfg.loss.weight == pytest.approx(trials.loc[best_id, "loss.weight"])
+    assert cfg.memory.size == trials.loc[best_id, "memory.size"]
+    assert cfg.tune.space == load_config(SMOKE).tune.space  # tune/run sections come through as in the table
+    assert cfg.run.name == "smoke"
+    assert report.best_config["loss"]["temperature"] == pytest.approx(expected[best_id][0])
+    assert Path(report.paths["best_config"]).parent == exp / "analysis"
+
+
+def test_top_k_order_excludes_errors(search):
+    _, expected, report = search
+    order = sorted(expected, key=lambda k: -expected[k][1])
+    assert report.top_trials == order[:3]
+    assert "t02" not in report.top_trials  # errored, despite reporting 0.99
+    trials = load_results(search[0])["trials"].set_index("trial_id")
+    assert trials.loc["t05", "status"] == "STOPPED_EARLY"
+    assert trials.loc["t02", "status"] == "ERROR"
+
+
+def test_importance_on_fixture(search):
+    _, _, report = search
+    assert report.importance is not None, report.importance_note
+    assert set(report.importance) == set(SEARCHED)
+    assert sum(report.importance.values()) == pytest.approx(1.0)
+    assert report.importance["loss.temperature"] > report.importance["loss.weight"]
+    assert report.importance["loss.temperature"] > report.importance["memory.size"]
+
+
+def test_importance_deterministic(tmp_path):
+    build_search(tmp_path / "tables", 10)
+    trials = load_results(tmp_path)["trials"]
+    first, _ = param_importance(trials)
+    second, _ = param_importance(trials)
+    assert first == second
+    assert max(first, key=first.get) == "loss.temperature"
+
+
+def test_plots_are_pngs(search):
+    _, _, report = search
+    for name in ("history", "params", "curves", "losses", "class_iou"):
+        data = Path(report.paths[name]).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert len(data) > 10_000, name
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # a complete, decodable PNG
+            assert im.size[0] >= 400 and im.size[1] >= 200
+    assert not [p for p in (search[0] / "analysis").iterdir() if ".tmp-" in p.name]
+
+
+def test_report_mentions_best_and_failure(search):
+    _, _, report = search
+    text = Path(report.paths["report"]).read_text()
+    assert report.best_trial_id in text
+    assert "non-finite loss: 3 steps at it 6" in text
+    assert "t02" in text.split("## Failures")[1]
+    assert "fANOVA" in text
+    # each trial: start, +3 s, first report whose run clock reads 2 s -> 1 s of start-up
+    assert "median time from trial start to first report 3.0 s, of which 1.0 s before" in text
+    for name in ("history.png", "params.png", "best_config.yaml"):
+        assert f"({name})" in text
+
+
+def test_single_trial_says_importance_unavailable(tmp_path):
+    build_search(tmp_path / "exp" / "tables", 1)
+    report = analyze(tmp_path / "exp", out_dir=tmp_path / "out")
+    assert report.importance is None
+    assert "importance unavailable" in report.importance_note
+    assert "importance unavailable" in (tmp_path / "out" / "report.md").read_text()
+    assert report.best_trial_id == "t00"
+
+
+def test_no_finished_trial_does_not_crash(tmp_path):
+    w = ResultsWriter(tmp_path / "tables", class_names=CLASSES, searched_keys=SEARCHED)
+    w.on_report("a", flatten(load_config(SMOKE)), _metrics(2, 0.3, 0))
+    w.flush()  # still running
+    report = analyze(tmp_path)
+    assert report.best_trial_id is None and report.importance is None
+    assert "No finished trial" in Path(report.paths["report"]).read_text()
+
+
+def test_tables_on_a_pyarrow_filesystem(tmp_path):
+    sub = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    build_search(tmp_path / "exp" / "tables", 3)
+    report = analyze("exp/tables", filesystem=sub)  # paths are relative to the filesystem's root
+    assert report.paths["report"] == "exp/analysis/report.md"
+    assert (tmp_path / "exp" / "analysis" / "best_config.yaml").is_file()
