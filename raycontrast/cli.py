@@ -1,7 +1,8 @@
-"""`raycontrast train|tune|analyze`: the command-line entry point.
+"""`raycontrast train|tune|analyze|check-data`: the command-line entry point.
 
-Configs are loaded and validated here, before anything imports Ray, so a wrong key or value fails in
-milliseconds with a message that names it. Ray-facing modules are imported lazily per subcommand.
+Configs are loaded and validated here, and `raycontrast.preflight` checks the data, weights, storage and
+local resources they point at, before anything imports Ray: a wrong key, value or file fails in seconds with
+a message that names it. Ray-facing modules are imported lazily per subcommand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from raycontrast import preflight
 from raycontrast.config import Config, ConfigError, apply_overrides, load_config, parse_overrides
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -32,16 +34,18 @@ def _resolve_config(path: str | None, sets: Sequence[str]) -> Config:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    """Make local storage and data paths absolute: Ray workers and jobs do not share the driver's cwd."""
+    """Make local storage, data and weights paths absolute: Ray workers do not share the driver's cwd."""
     fixes = {}
     if "://" not in cfg.run.storage_path:
         fixes["run.storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
     if "://" not in cfg.data.root:
         fixes["data.root"] = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.model.pretrained:
+        fixes["model.pretrained"] = str(Path(cfg.model.pretrained).expanduser().resolve())
     return apply_overrides(cfg, fixes) if fixes else cfg
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, run_args: bool = True) -> None:
     p.add_argument("--config", "-c", help="YAML config (default: configs/demo.yaml)")
     p.add_argument(
         "--set",
@@ -51,6 +55,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, repeatable: --set loss.temperature=0.2 --set train.workers=2",
     )
+    if not run_args:
+        return
     p.add_argument("--resume", action="store_true", help="continue the run/search named run.name")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
 
@@ -68,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--top-k", type=int, default=5)
     an.add_argument("--s3-endpoint", help="host:port of an S3-compatible store")
     an.add_argument("--s3-scheme", default="https", choices=["http", "https"])
+    check = sub.add_parser("check-data", help="decode every image and label of the configured data (no Ray)")
+    _add_config_args(check, run_args=False)
     return parser
 
 
@@ -96,6 +104,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         _run_analyze(path, args.out, args.top_k, fs)
         return 0
     cfg = _resolve_config(args.config, args.sets)
+    if args.command == "check-data":
+        counts = preflight.check_data(cfg.data.dataset, cfg.data.root, full=True, progress=print)
+        found = ", ".join(f"{n} {split}" for split, n in counts.items()) or "generated on demand"
+        print(f"data ok: {cfg.data.dataset} at {cfg.data.root} ({found})")
+        return 0
+    # Everything knowable up front fails here, before Ray is imported (exit 2, no partial results).
+    preflight.check(cfg, args.command, resume=args.resume, address=args.address)
     if args.command == "train":
         from raycontrast.train import fit
 
