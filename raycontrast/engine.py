@@ -1,0 +1,364 @@
+"""One training step and one evaluation pass: the loop body every trainer shares (pure torch, no Ray).
+
+The training loop itself lives in the glue (one readable function); only :func:`train_step` and
+:func:`evaluate` are factored out, plus the optimiser / poly schedule builders and seeding helpers.
+Everything here is device- and world-size-agnostic: tensors are allocated on the inputs' device, and a
+DDP-wrapped model works unchanged (gradients are already all-reduced when ``backward`` returns).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+
+from raycontrast.metrics import confusion_matrix
+from raycontrast.models.hrnet import HRNetV2
+
+StepStats = dict[str, Tensor]
+
+# Keys of the contrast diagnostics the criterion returns in its parts dict (forwarded as they are).
+_PART_KEYS = ("ce", "contrast", "anchors", "hard_share", "intra_cos", "inter_cos")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the training loop when losses stay non-finite; the message starts with "non-finite loss:"."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"non-finite loss: {detail}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ----------------------------------------------------------------------------- optimiser and schedule
+
+
+def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with two parameter groups: weight decay on conv / linear weights only.
+
+    BatchNorm weights and biases and every bias (all parameters with ``ndim <= 1``) get no weight decay:
+    decaying a BN scale towards 0 shrinks the layer's output rather than regularising a filter, and a bias
+    has no scale to regularise (common practice, e.g. timm's ``param_groups_weight_decay``).
+    Groups: ``[{"params": decayed, "weight_decay": wd}, {"params": not decayed, "weight_decay": 0}]``,
+    empty groups left out. Frozen parameters (``requires_grad=False``) are not optimised.
+    """
+    if lr <= 0 or momentum < 0 or weight_decay < 0:
+        raise ValueError(
+            f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}"
+        )
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for p in _unwrap(model).parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": params, "weight_decay": wd}
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0))
+        if params
+    ]
+    if not groups:
+        raise ValueError("model has no trainable parameters")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+class _PolyFactor:
+    """LambdaLR factor for ``lr(it) = (base - min_lr) * (1 - it / max_iters) ** power + min_lr``.
+
+    A callable object (not a lambda) so that ``LambdaLR.state_dict()`` saves it with the checkpoint.
+    """
+
+    def __init__(self, base_lr: float, max_iters: int, power: float, min_lr: float) -> None:
+        self.base_lr, self.max_iters, self.power, self.min_lr = base_lr, max_iters, power, min_lr
+
+    def __call__(self, it: int) -> float:
+        if self.base_lr == 0:
+            return 0.0
+        frac = max(0.0, 1.0 - min(it, self.max_iters) / self.max_iters)
+        return ((self.base_lr - self.min_lr) * frac**self.power + self.min_lr) / self.base_lr
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, *, max_iters: int, power: float, min_lr: float = 0.0
+) -> LambdaLR:
+    """Poly decay (ALGORITHM.md s6), stepped once per iteration:
+    ``lr(it) = (base - min_lr) * (1 - it / max_iters) ** power + min_lr`` per group, constant ``min_lr``
+    from ``max_iters`` on. ``base`` is each group's learning rate when the scheduler is built."""
+    if max_iters < 1:
+        raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if power < 0 or min_lr < 0:
+        raise ValueError(f"need power >= 0 and min_lr >= 0, got {power} and {min_lr}")
+    factors = []
+    for g in optimizer.param_groups:
+        base = float(g.get("initial_lr", g["lr"]))
+        if min_lr > base:
+            raise ValueError(f"min_lr {min_lr} exceeds the base learning rate {base}")
+        factors.append(_PolyFactor(base, max_iters, power, min_lr))
+    return LambdaLR(optimizer, factors)
+
+
+# ----------------------------------------------------------------------------- training step
+
+
+def _save_buffers(model: nn.Module) -> list[tuple[list[Tensor], Tensor]]:
+    """Copies of all buffers, one flat tensor per dtype: ``[(buffers, flat copy)]``."""
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for b in _unwrap(model).buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    return [(bufs, torch.cat([b.detach().flatten() for b in bufs])) for bufs in by_dtype.values()]
+
+
+@torch.no_grad()
+def _restore_buffers(saved: list[tuple[list[Tensor], Tensor]]) -> None:
+    for bufs, flat in saved:
+        for b, v in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+            b.copy_(v.view_as(b))
+
+
+def train_step(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    iteration: int,
+    memory=None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+    generator: torch.Generator | None = None,
+) -> StepStats:
+    """One optimisation step on ``images [B, 3, H, W]`` / ``labels [B, H, W]`` (int64, ignore 255).
+
+    Order: forward (autocast with ``amp_dtype`` when given) -> ``criterion(outputs, labels, iteration=,
+    memory=memory.contrast_set())`` (the memory as it was before this batch) -> backward (through
+    ``scaler`` when given) -> global gradient norm (clipped to ``grad_clip`` when given) -> finite check
+    -> optimiser step and memory enqueue of this batch's detached keys, both only when finite (a skipped
+    step also restores the BatchNorm running statistics, so it leaves model and memory exactly as they
+    were) -> scheduler step (always, so the schedule stays aligned with the iteration count).
+
+    The enqueue comes after backward rather than straight after the loss: the loss has already read the
+    memory, the keys are detached, so what the next step sees is the same; but this way a non-finite
+    batch (NaN embeddings) never enters the memory, where it would poison every later loss, and a
+    ``contrast_set`` that returns views of the ring buffers can never be overwritten in place while
+    autograd still holds them for backward.
+
+    Returns detached 0-d tensors on the inputs' device: ``loss, ce, contrast, anchors, hard_share,
+    intra_cos, inter_cos`` (from the criterion), ``grad_norm`` (before clipping), ``lr`` (the rate this
+    step used), ``finite`` (bool: the update was applied) and ``memory_fill`` (0 without a memory).
+    With an fp16 ``scaler``, overflow steps while the scale calibrates also read ``finite = False``.
+    """
+    device = images.device
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    # BatchNorm running statistics change in the forward pass; a skipped step restores them (one small
+    # concatenation per buffer dtype per step), else one NaN batch would silently ruin later evaluations.
+    saved = _save_buffers(model)
+    contrast_set = memory.contrast_set() if memory is not None else None
+
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        outputs = model(images)
+        loss, parts = criterion(
+            outputs, labels, iteration=iteration, memory=contrast_set, generator=generator
+        )
+
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # true gradient scale for the norm, the clip and the finite check
+    else:
+        loss.backward()
+
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    max_norm = grad_clip if grad_clip is not None else math.inf
+    if params:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    else:
+        grad_norm = torch.zeros((), device=device)
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+    if isinstance(model, DistributedDataParallel):
+        # The gradients are all-reduced, so every rank computes the same norm, and a NaN loss on one rank
+        # makes every rank's gradients NaN through that all-reduce. A non-finite loss whose backward stays
+        # finite (an empty logsumexp's -inf has zero gradient) would still be local: one tiny MIN
+        # all-reduce makes the decision global, so no rank steps or gathers into the memory alone.
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=model.process_group)
+        finite = flag.bool()
+
+    # The one host sync of the step: skipping an update cannot be expressed without it (SGD's momentum
+    # and weight decay move the weights even with zeroed gradients, and the BN statistics must be put
+    # back). Every rank reaches the same decision, so the memory's gather collective stays matched.
+    if bool(finite):
+        if scaler is not None:
+            scaler.step(optimizer)  # unscale_ was called above, so this only applies the update
+        else:
+            optimizer.step()
+        if memory is not None:
+            memory.enqueue(outputs["embed"].detach().float(), labels, generator=generator)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        _restore_buffers(saved)
+    if scaler is not None:
+        scaler.update()  # lowers the scale after an overflow (found_inf was recorded by unscale_)
+    scheduler.step()
+
+    stats: StepStats = {"loss": loss.detach().float()}
+    for key in _PART_KEYS:
+        stats[key] = parts[key].detach()
+    stats["grad_norm"] = grad_norm.float()
+    stats["lr"] = torch.full((), lr, device=device)  # a fill, not a host-to-device copy
+    stats["finite"] = finite
+    fill = memory.fill() if memory is not None else 0.0
+    if isinstance(fill, Tensor):
+        stats["memory_fill"] = fill.detach().to(device=device, dtype=torch.float32)
+    else:  # a Python float (the memory already synced to compute it)
+        stats["memory_fill"] = torch.full((), float(fill), device=device)
+    return stats
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _seg_logits(net: nn.Module, x: Tensor) -> Tensor:
+    """Segmentation logits ``[B, K, h, w]`` without running the projection head where the model allows."""
+    forward_seg = getattr(net, "forward_seg", None)
+    if callable(forward_seg):
+        return forward_seg(x)
+    if isinstance(net, HRNetV2):
+        return net.seg_head(net.features(x))
+    out = net(x)
+    return out["seg"] if isinstance(out, dict) else out
+
+
+def _pair(v: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    a, b = (v, v) if isinstance(v, int) else tuple(v)
+    if a < 1 or b < 1:
+        raise ValueError(f"{name} must be positive, got {v}")
+    return int(a), int(b)
+
+
+def _window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``crop`` covering ``[0, size)``; the last one is flush with the end."""
+    if size <= crop:
+        return [0]
+    n = (size - crop + stride - 1) // stride + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+def _slide_logits(net: nn.Module, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+    """Logits ``[B, K, H, W]`` averaged over overlapping ``crop`` windows at input resolution.
+
+    Each window's logits are upsampled (bilinear) to the window size; an image smaller than the crop is
+    zero-padded at the bottom / right to the crop size and the padding's logits are dropped.
+    """
+    b, _, h, w = images.shape
+    (ch, cw), (sh, sw) = crop, stride
+    total: Tensor | None = None
+    count = torch.zeros(1, 1, h, w, device=images.device)
+    for y in _window_starts(h, ch, sh):
+        for x in _window_starts(w, cw, sw):
+            win = images[:, :, y : y + ch, x : x + cw]
+            wh, ww = win.shape[-2:]
+            if wh < ch or ww < cw:
+                win = F.pad(win, (0, cw - ww, 0, ch - wh))
+            logits = _seg_logits(net, win).float()
+            logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)[..., :wh, :ww]
+            if total is None:
+                total = images.new_zeros(b, logits.shape[1], h, w, dtype=torch.float32)
+            total[:, :, y : y + wh, x : x + ww] += logits
+            count[:, :, y : y + wh, x : x + ww] += 1
+    assert total is not None
+    return total / count
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+    mode: Literal["whole", "slide"] = "whole",
+    crop_size: int | tuple[int, int] | None = None,
+    stride: int | tuple[int, int] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Confusion matrix ``[K, K]`` int64 (rows = label, columns = prediction) of ``model`` on ``loader``.
+
+    The loader yields ``(images [B, 3, H, W], labels [B, H', W'])``; both move to the model's device.
+    ``mode="whole"``: one forward per batch, logits upsampled bilinearly (align_corners=False) to the
+    label size. ``mode="slide"``: windows of ``crop_size`` every ``stride`` (default 2/3 of the crop),
+    logits averaged where windows overlap, then resized to the label size if it differs from the image.
+    Prediction = argmax. Only the segmentation output is used: a model with a ``forward_seg(x)`` method
+    (or an ``HRNetV2``) skips its projection head. Runs in eval mode under ``torch.inference_mode`` and restores the model's
+    training mode afterwards. The matrix is local to this process (the caller all-reduces).
+    """
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"evaluate mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == "slide":
+        if crop_size is None:
+            raise ValueError("evaluate mode 'slide' needs crop_size")
+        crop = _pair(crop_size, "crop_size")
+        strides = (
+            _pair(stride, "stride")
+            if stride is not None
+            else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+        )
+    net = _unwrap(model)  # no DDP forward hooks: evaluation is rank-local
+    ref = next(iter(net.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, labels in loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    if mode == "whole":
+                        logits = _seg_logits(net, images)
+                    else:
+                        logits = _slide_logits(net, images, crop, strides)
+                if logits.shape[-2:] != labels.shape[-2:]:
+                    logits = F.interpolate(
+                        logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
+    finally:
+        model.train(was_training)
+    return cm
+
+
+# ----------------------------------------------------------------------------- seeding
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global generator and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the global state third-party code may draw from
+    torch.manual_seed(seed)
+
+
+def worker_generator(seed: int, rank: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch generator for process ``rank``: independent streams per rank, reproducible per (seed, rank).
+
+    The seed is mixed with NumPy's SeedSequence, so nearby (seed, rank) pairs give unrelated streams.
+    """
+    state = np.random.SeedSequence([int(seed), int(rank)]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return g
