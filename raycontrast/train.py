@@ -1,0 +1,768 @@
+"""Ray Train glue: the per-worker training loop, the TorchTrainer around it, and `fit`.
+
+`run_loop` is the whole training loop, readable top to bottom: build (model, memory, criterion, optimiser,
+schedule, data), resume, loop, evaluate, report. It talks to its surroundings through a small session
+object: `_RaySession` inside a Ray Train worker (`train_loop_per_worker`), `_LocalSession` for
+`train.workers: 0`, which runs the same loop in the calling process without Ray.
+
+Why local mode is not Ray Train's own `num_workers=0`: that mode keeps only the last reported checkpoint
+object in memory (pointing at a directory the loop deletes right after reporting), never writes to
+`storage_path`, returns no checkpoint at start (so no resume) and ignores the failure and checkpoint
+configs. `_LocalSession` persists checkpoints under `<storage>/<run.name>/checkpoint_<iteration>/` and
+resumes from the latest one, so local runs behave like Ray runs.
+
+Determinism, which exact resume and the DDP tests rely on: the data order is a function of
+(seed, epoch) sharded by rank exactly like `DistributedSampler(shuffle=True, drop_last=True)`; each
+sample's augmentation is seeded by (seed, epoch, index); the per-rank generator for anchor and memory
+sampling is re-seeded every step from (seed, rank, iteration). So a run resumed from the checkpoint at
+iteration k replays iterations k+1.. exactly as an uninterrupted run, skipping the batches already seen.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import re
+import resource
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+from threadpoolctl import threadpool_limits
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from raycontrast.config import Config, apply_overrides
+from raycontrast.data.loader import build_dataset, dataset_info
+from raycontrast.engine import (
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    seed_everything,
+    train_step,
+)
+from raycontrast.loss import ContrastCELoss
+from raycontrast.memory import PixelMemory
+from raycontrast.metrics import all_reduce_confusion, iou, miou, pixel_accuracy
+from raycontrast.models.hrnet import HRNetV2, convert_sync_bn, load_pretrained
+
+__all__ = [
+    "InsufficientResourcesError",
+    "ShardSampler",
+    "SeededItems",
+    "TrainOutcome",
+    "build_trainer",
+    "check_resources",
+    "fit",
+    "init_ray",
+    "nonfinite_cause",
+    "resolve_storage",
+    "run_loop",
+    "step_seed",
+    "train_loop_per_worker",
+]
+
+# Window statistics: per-step means over finite steps (order = the stacked accumulator's rows).
+_STAT_KEYS = ("loss", "ce", "contrast", "anchors", "hard_share", "intra_cos", "inter_cos", "memory_fill")
+_METRIC_NAMES = ("loss", "ce_loss", "contrast_loss", *_STAT_KEYS[3:])
+
+
+class InsufficientResourcesError(RuntimeError):
+    """The cluster cannot place the requested Train workers (raised before any actor starts)."""
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (e.g. seed, rank, iteration) with NumPy's SeedSequence."""
+    a, b = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(a) << 31) ^ int(b)
+
+
+class ShardSampler(DistributedSampler):
+    """`DistributedSampler(shuffle=True, drop_last=True)` that yields `(epoch, index)` and can skip.
+
+    The order depends only on (seed, epoch); `skip` drops that many leading samples of this rank's shard
+    (batches already trained on before a resume). The epoch travels with the index so that
+    `SeededItems` can seed each sample's augmentation, also inside DataLoader worker processes.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.skip)
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset whose transforms draw from torch's global RNG: item `(epoch, i)` is drawn with that
+    RNG seeded from (seed, epoch, i), so augmentations do not depend on rank, loader workers or resumes."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(step_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+def _gather_varlen(keys: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather `keys [N, D]`, `labels [N]` whose N differs per rank; concatenated in rank order.
+
+    Collectives need equal shapes: gather the counts, pad to the largest, gather, trim.
+    """
+    world = dist.get_world_size()
+    n = torch.tensor([keys.shape[0]], device=keys.device, dtype=torch.long)
+    counts = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    sizes = [int(c) for c in counts]
+    m = max(sizes)
+    pk = keys.new_zeros((m, keys.shape[1]))
+    pk[: keys.shape[0]] = keys
+    pl = labels.new_zeros((m,))
+    pl[: labels.shape[0]] = labels
+    ks, ls = [torch.empty_like(pk) for _ in range(world)], [torch.empty_like(pl) for _ in range(world)]
+    dist.all_gather(ks, pk)
+    dist.all_gather(ls, pl)
+    return torch.cat([k[:s] for k, s in zip(ks, sizes, strict=True)]), torch.cat(
+        [lab[:s] for lab, s in zip(ls, sizes, strict=True)]
+    )
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - saving the legacy global state
+    version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def _set_rng_state(s: Mapping[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+
+
+def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
+    """Train one model as one rank of `session` (`_RaySession` or `_LocalSession`).
+
+    `config_dict` is `Config.model_dump(mode="json")`, plus private keys starting with "_" used by tests:
+    `_debug_dump_dir` (each rank saves its final parameters, memory and per-step losses there),
+    `_fail_at_iteration` / `_fail_marker` (the last rank raises once at that iteration, if the marker file
+    does not exist yet). Returns a summary (rank 0's reaches `Result.return_value`).
+    """
+    extras = {k: v for k, v in config_dict.items() if k.startswith("_")}
+    cfg = Config.model_validate({k: v for k, v in config_dict.items() if not k.startswith("_")})
+    t, d = cfg.train, cfg.data
+    rank, world, device = session.rank, session.world, session.device
+    threads = t.threads_per_worker or max(1, int(t.cpus_per_worker))
+    # Every native pool, not only torch's: OpenMP/BLAS pools of other libraries (the data pipeline) would
+    # otherwise oversubscribe the worker's CPU reservation (1.5x slower in-process on 2 cores, measured).
+    # Ray workers also get OMP_NUM_THREADS from their reservation; this makes local mode match.
+    threadpool_limits(limits=threads)
+    torch.set_num_threads(threads)
+    num_classes, class_names = dataset_info(d.dataset)
+    is_cuda = device.type == "cuda"
+
+    # ---- build: identical initial weights on every rank (DDP also broadcasts rank 0's)
+    seed_everything(cfg.run.seed)
+    model = HRNetV2(cfg.model.variant, num_classes, proj_dim=cfg.model.proj_dim)
+    if cfg.model.pretrained and not session.has_checkpoint():
+        load_pretrained(model, cfg.model.pretrained)
+    if is_cuda and world > 1 and cfg.model.sync_bn:
+        model = convert_sync_bn(model)  # SyncBN needs CUDA; on CPU each rank normalises its own batch
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    model = session.prepare_model(model.to(memory_format=memory_format))  # to device; DDP when world > 1
+    raw = model.module if hasattr(model, "module") else model
+    criterion = ContrastCELoss(num_classes, **cfg.loss.model_dump()).to(device)  # same keyword names
+    memory = None
+    if cfg.memory.size > 0:  # outside DDP; every rank enqueues the all-gathered keys in rank order
+        memory = PixelMemory(
+            num_classes,
+            cfg.model.proj_dim,
+            cfg.memory.size,
+            cfg.memory.pixel_update_freq,
+            gather_fn=_gather_varlen if world > 1 else None,
+        ).to(device)
+    optimizer = build_optimizer(
+        raw, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer, max_iters=t.iterations, power=cfg.optim.poly_power, min_lr=cfg.optim.min_lr
+    )
+    amp_dtype = None
+    if t.amp:  # bf16 needs no loss scaling; fp16 (older GPUs) does
+        fp16 = is_cuda and not torch.cuda.is_bf16_supported()
+        amp_dtype = torch.float16 if fp16 else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    generator = torch.Generator(device=device)
+
+    canvas = {"height": d.canvases.height, "width": d.canvases.width, "seed": d.canvases.seed}
+
+    def dataset(split: str, n: int, train: bool) -> Dataset:
+        args = {**canvas, "num_images": n} if d.dataset == "canvases" else None
+        return build_dataset(
+            d.dataset,
+            split,
+            root=d.root,
+            crop_size=d.crop_size,
+            scale_range=d.scale_range,
+            train=train,
+            canvas_args=args,
+        )
+
+    train_set, val_set = (
+        dataset("train", d.canvases.train_images, True),
+        dataset("val", d.canvases.val_images, False),
+    )
+    sampler = ShardSampler(train_set, num_replicas=world, rank=rank, seed=cfg.run.seed)
+    steps_per_epoch = sampler.num_samples // t.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"data: {len(train_set)} training images cannot fill one batch on each of {world} "  # type: ignore[arg-type]
+            f"workers (train.batch_size={t.batch_size}); use fewer workers or a smaller batch"
+        )
+    loader_args = {
+        "num_workers": d.loader_workers,
+        "pin_memory": is_cuda,
+        "persistent_workers": d.loader_workers > 0,
+    }
+    train_loader = DataLoader(
+        SeededItems(train_set, cfg.run.seed),
+        batch_size=t.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        **loader_args,
+    )
+    # Unpadded val shard (rank::world): the all-reduced confusion matrix counts every image exactly once.
+    val_shard = Subset(val_set, range(rank, len(val_set), world))  # type: ignore[arg-type]
+    val_loader = DataLoader(val_shard, batch_size=t.batch_size, shuffle=False, **loader_args)
+
+    # ---- resume
+    it, elapsed0, worker_s0, best, best_it, last_metrics = 0, 0.0, 0.0, -math.inf, 0, None
+    state = session.load_checkpoint()
+    if state is not None:
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if memory is not None and state["memory"] is not None:
+            memory.load_state_dict(state["memory"])
+        _set_rng_state(state["rng"])
+        it, elapsed0, worker_s0 = state["iteration"], state["elapsed_s"], state["worker_seconds"]
+        best, best_it, last_metrics = state["best_val_miou"], state["best_iteration"], state["metrics"]
+        if rank == 0:
+            print(
+                f"resumed at iteration {it}/{t.iterations} (memory fill "
+                f"{float(memory.fill()) if memory is not None else 0:.2f})",
+                flush=True,
+            )
+    start_it = it
+
+    # ---- loop
+    t_start = window_t0 = log_t0 = time.time()
+    first_step_unix, eval_time, train_images, train_time = None, 0.0, 0, 0.0
+    window = torch.zeros(len(_STAT_KEYS) + 1, dtype=torch.float64, device=device)  # sums + finite count
+    log_sum = torch.zeros_like(window)
+    window_steps = log_steps = window_nonfinite = consecutive_nonfinite = 0
+    debug_losses: list[torch.Tensor] = []
+    model.train()
+    while it < t.iterations:
+        epoch = it // steps_per_epoch
+        sampler.set_epoch(epoch)
+        sampler.skip = (it % steps_per_epoch) * t.batch_size
+        for images, labels in train_loader:
+            if extras.get("_fail_at_iteration") == it and rank == world - 1:
+                marker = extras["_fail_marker"]
+                if not os.path.exists(marker):
+                    open(marker, "w").close()  # noqa: SIM115 - an empty marker file
+                    raise RuntimeError(f"injected failure at iteration {it} (rank {rank})")
+            images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            labels = labels.to(device, non_blocking=True)
+            generator.manual_seed(step_seed(cfg.run.seed, rank, it))
+            first_step_unix = first_step_unix or time.time()
+            stats = train_step(
+                model,
+                criterion,
+                optimizer,
+                scheduler,
+                images,
+                labels,
+                iteration=it,
+                memory=memory,
+                scaler=scaler,
+                amp_dtype=amp_dtype,
+                grad_clip=cfg.optim.grad_clip,
+                generator=generator,
+            )
+            it += 1
+            finite = bool(stats["finite"])  # already synced inside train_step (skip decision)
+            step = torch.stack([stats[k].double() for k in _STAT_KEYS] + [window.new_ones(())])
+            if finite:
+                window += step
+                log_sum += step
+            window_steps, log_steps = window_steps + 1, log_steps + 1
+            window_nonfinite += not finite
+            consecutive_nonfinite = 0 if finite else consecutive_nonfinite + 1
+            # Deterministic, so a Ray retry (train.max_failures) fails the same way; no special-casing.
+            if consecutive_nonfinite >= t.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} consecutive steps up to iteration {it} "
+                    f"(loss {float(stats['loss'])}); lower optim.lr or set optim.grad_clip"
+                )
+            if "_debug_dump_dir" in extras:
+                debug_losses.append(stats["loss"])
+
+            if rank == 0 and (it % t.log_interval == 0 or it == t.iterations):
+                m = (log_sum[:-1] / log_sum[-1].clamp_min(1)).tolist()
+                dt = time.time() - log_t0
+                print(
+                    f"it {it}/{t.iterations} | lr {float(stats['lr']):.2e} | loss {m[0]:.4f} (ce {m[1]:.4f}, "
+                    f"contrast {m[2]:.4f}) | {log_steps * t.batch_size * world / max(dt, 1e-9):.1f} img/s | "
+                    f"memory {m[7]:.2f}",
+                    flush=True,
+                )
+                log_sum.zero_()
+                log_steps, log_t0 = 0, time.time()
+
+            if it % t.eval_interval == 0 or it == t.iterations:
+                # ---- evaluate and report: one collective for the window, one for the confusion matrix
+                window_time = time.time() - window_t0
+                t_eval = time.time()
+                cm = all_reduce_confusion(
+                    evaluate(
+                        raw,
+                        val_loader,
+                        num_classes=num_classes,
+                        ignore_index=cfg.loss.ignore_index,
+                        mode=t.eval_mode,
+                        crop_size=d.crop_size,
+                        amp_dtype=amp_dtype,
+                    )
+                )
+                eval_time = time.time() - t_eval
+                rss = torch.tensor(
+                    [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0], device=device
+                )
+                if world > 1:
+                    dist.all_reduce(window)
+                    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+                means = (window[:-1] / window[-1]).tolist() if float(window[-1]) > 0 else [math.nan] * 8
+                val_miou = miou(cm)
+                if not math.isnan(val_miou) and val_miou > best:
+                    best, best_it = val_miou, it
+                now = time.time()
+                train_images += window_steps * t.batch_size * world
+                train_time += window_time
+                last_metrics = {
+                    "iteration": it,
+                    "epoch": (it - 1) // steps_per_epoch,
+                    "lr": float(stats["lr"]),
+                    **dict(zip(_METRIC_NAMES, means, strict=True)),
+                    "nonfinite_steps": window_nonfinite,
+                    "val_miou": val_miou,
+                    "val_pixel_acc": pixel_accuracy(cm),
+                    "val_class_iou": iou(cm).tolist(),
+                    "images_per_s": window_steps * t.batch_size * world / max(window_time, 1e-9),
+                    "time_s": elapsed0 + now - t_start,
+                    "worker_seconds": worker_s0 + world * (now - t_start),
+                    "peak_rss_mb": float(rss),
+                    "train_time_s": window_time,
+                    "eval_time_s": eval_time,
+                }
+                save = it % t.checkpoint_interval == 0 or it == t.iterations
+                ckpt = None
+                if save and rank == 0:
+                    ckpt = {
+                        "model": raw.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler else None,
+                        "memory": memory.state_dict() if memory is not None else None,
+                        "iteration": it,
+                        "rng": _rng_state(),
+                        "config": cfg.model_dump(mode="json"),
+                        "elapsed_s": now - t_start + elapsed0,
+                        "worker_seconds": worker_s0 + world * (now - t_start),
+                        "best_val_miou": best,
+                        "best_iteration": best_it,
+                        "metrics": last_metrics,
+                    }
+                session.report(last_metrics, ckpt)  # every rank: a barrier
+                if rank == 0:
+                    print(
+                        f"eval it {it}: val mIoU {val_miou:.4f} | pixel acc {last_metrics['val_pixel_acc']:.4f} | "
+                        f"best {best:.4f} @ {best_it}" + (" | checkpoint" if save else ""),
+                        flush=True,
+                    )
+                window.zero_()
+                window_steps = window_nonfinite = 0
+                window_t0 = time.time()
+            if it >= t.iterations:
+                break
+
+    if last_metrics is not None and start_it >= t.iterations:
+        session.report(last_metrics, None)  # resumed a finished run: repeat its final metrics
+    if "_debug_dump_dir" in extras:
+        torch.save(
+            {
+                "model": {k: v.cpu() for k, v in raw.state_dict().items()},
+                "memory": memory.state_dict() if memory is not None else None,
+                "losses": torch.stack(debug_losses).cpu() if debug_losses else torch.zeros(0),
+                "start_iteration": start_it,
+            },
+            os.path.join(extras["_debug_dump_dir"], f"rank{rank}.pt"),
+        )
+    return {
+        "best_val_miou": best,
+        "best_iteration": best_it,
+        "first_step_unix": first_step_unix,
+        "loop_end_unix": time.time(),
+        "train_images": train_images,
+        "train_time_s": train_time,
+        "class_names": list(class_names),
+    }
+
+
+# ------------------------------------------------------------------------------------------- sessions
+
+
+class _RaySession:
+    """The loop's view of a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train
+
+    def has_checkpoint(self) -> bool:
+        return self._train.get_checkpoint() is not None
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        ck = self._train.get_checkpoint()
+        if ck is None:
+            return None
+        with ck.as_directory() as d:
+            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, os.path.join(tmp, "state.pt"))
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
+
+
+class _LocalSession:
+    """`train.workers: 0`: one in-process rank; checkpoints go to `<run_path>/checkpoint_<iteration>/`
+    on `fs`, the best `num_to_keep` by val mIoU plus the latest are kept."""
+
+    def __init__(self, cfg: Config, run_path: str, fs: pafs.FileSystem) -> None:
+        self.rank, self.world = 0, 1
+        if cfg.train.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("train.use_gpu=true but torch sees no CUDA device; set train.use_gpu=false")
+        self.device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
+        self.run_path, self.fs, self.num_to_keep = run_path, fs, cfg.train.num_to_keep
+        self.fs.create_dir(run_path)
+        self.scores: dict[str, float] = {}  # checkpoint dir -> val mIoU
+        self.last_metrics: dict[str, Any] | None = None
+
+    def checkpoints(self) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(self.run_path, allow_not_found=True))
+        return sorted(
+            i.path
+            for i in infos
+            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+        )
+
+    def has_checkpoint(self) -> bool:
+        return bool(self.checkpoints())
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        found = self.checkpoints()
+        if not found:
+            return None
+        with self.fs.open_input_file(f"{found[-1]}/state.pt") as f:
+            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.last_metrics = metrics
+        if state is None:
+            return
+        path = f"{self.run_path}/checkpoint_{metrics['iteration']:08d}"
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.fs.create_dir(path)
+        with self.fs.open_output_stream(f"{path}/state.pt") as f:
+            f.write(buf.getvalue())
+        score = metrics["val_miou"]
+        self.scores[path] = -math.inf if math.isnan(score) else score
+        latest = self.checkpoints()[-1]
+        ranked = sorted(self.scores, key=lambda p: self.scores[p], reverse=True)
+        for old in ranked[self.num_to_keep :]:
+            if old != latest:
+                self.fs.delete_dir(old)
+                del self.scores[old]
+
+
+def train_loop_per_worker(config_dict: dict) -> dict[str, Any]:
+    """Ray Train entry point: `run_loop` on this worker (config = `Config.model_dump(mode="json")`)."""
+    return run_loop(config_dict, _RaySession())
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def resolve_storage(cfg: Config) -> tuple[str, pafs.FileSystem | None]:
+    """`(storage path for Ray, pyarrow filesystem or None)`.
+
+    `s3://bucket/prefix` -> `("bucket/prefix", S3FileSystem(endpoint_override=run.s3_endpoint,
+    scheme=run.s3_scheme))` (credentials from the usual AWS environment variables); other URIs pass through
+    for Ray to resolve; a local path becomes absolute (Ray workers do not share the driver's cwd).
+    """
+    sp = cfg.run.storage_path
+    if sp.startswith("s3://"):
+        kwargs = {"endpoint_override": cfg.run.s3_endpoint} if cfg.run.s3_endpoint else {}
+        return sp[len("s3://") :].rstrip("/"), pafs.S3FileSystem(scheme=cfg.run.s3_scheme, **kwargs)
+    if "://" in sp:
+        return sp.rstrip("/"), None
+    return os.path.abspath(os.path.expanduser(sp)), None
+
+
+def _filesystem(storage: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
+    if fs is not None:
+        return fs, storage
+    if "://" in storage:
+        return pafs.FileSystem.from_uri(storage)
+    return pafs.LocalFileSystem(), storage
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to `address` (or `RAY_ADDRESS`), else start a local Ray sized to this machine with the
+    dashboard on 127.0.0.1 (Tune+Train needs it, see the placement-group cleaner). No-op if connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", dashboard_host="127.0.0.1")
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast (instead of waiting for a placement group forever) when the connected cluster cannot
+    host `train.workers` workers of `train.cpus_per_worker` CPUs (+ 1 GPU each with `train.use_gpu`)."""
+    import ray
+
+    t = cfg.train
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    need = {"CPU": t.workers * t.cpus_per_worker, "GPU": float(t.workers) if t.use_gpu else 0.0}
+    per_worker = {"CPU": t.cpus_per_worker, "GPU": 1.0 if t.use_gpu else 0.0}
+    problems = []
+    for res, amount in need.items():
+        have = total.get(res, 0.0)
+        if amount > have + 1e-9:
+            problems.append(
+                f"{amount:g} {res}s in total (train.workers={t.workers} x {per_worker[res]:g}) "
+                f"but the cluster has {have:g}"
+            )
+        elif amount > 0 and per_worker[res] > max((n.get(res, 0.0) for n in nodes), default=0.0) + 1e-9:
+            problems.append(f"{per_worker[res]:g} {res}s per worker but no node has that many")
+    if problems:
+        raise InsufficientResourcesError(
+            "not enough Ray resources for training: "
+            + "; ".join(problems)
+            + ". Lower train.workers or train.cpus_per_worker, set train.use_gpu=false, or pass --address of a "
+            "bigger cluster."
+        )
+
+
+def build_trainer(
+    cfg: Config,
+    *,
+    name: str,
+    storage_path: str,
+    storage_filesystem: pafs.FileSystem | None = None,
+    callbacks: Sequence[Any] = (),
+    loop_extras: Mapping[str, Any] | None = None,
+):
+    """A `TorchTrainer` for `cfg` (needs `train.workers >= 1`): gloo on CPU, NCCL on GPUs, failure and
+    checkpoint config (best `num_to_keep` by val mIoU) from `cfg.train`, run `<storage_path>/<name>`.
+    `loop_extras` adds private `_`-keys to the loop config (tests only)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.train
+    if t.workers < 1:
+        raise ValueError(
+            "train.workers=0 is local mode, which runs without a TorchTrainer; call fit() instead"
+        )
+    if any(not k.startswith("_") for k in (loop_extras or {})):
+        raise ValueError(f"loop_extras keys must start with '_': {sorted(loop_extras or {})}")
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**cfg.model_dump(mode="json"), **(loop_extras or {})},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.num_to_keep, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"
+            ),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def nonfinite_cause(err: BaseException) -> NonFiniteLossError | None:
+    """The `NonFiniteLossError` behind a failed Ray Train run (`WorkerGroupError`), if that is the cause.
+
+    Worker exceptions reach the driver in `worker_failures`, but their `__cause__` chain does not survive
+    pickling, so the error text (which carries the worker traceback) is the fallback.
+    """
+    for exc in [err, *getattr(err, "worker_failures", {}).values()]:
+        while exc is not None:
+            if isinstance(exc, NonFiniteLossError):
+                return exc
+            exc = exc.__cause__ or exc.__context__
+    match = re.search(r"non-finite loss: (.*)", str(err))
+    return NonFiniteLossError(match.group(1).strip()) if match else None
+
+
+@dataclass
+class TrainOutcome:
+    """What `fit` returns: the last report's metrics (rank 0), the best val mIoU seen, the latest checkpoint
+    and the run folder."""
+
+    metrics: dict[str, Any]
+    best_val_miou: float
+    best_iteration: int
+    checkpoint_path: str | None
+    run_path: str
+    summary: dict[str, Any]
+
+
+def fit(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    address: str | None = None,
+    loop_extras: Mapping[str, Any] | None = None,
+) -> TrainOutcome:
+    """Train `cfg` as run `<run.storage_path>/<run.name>`; prints progress and a per-class IoU table.
+
+    `resume=True` continues that run from its latest checkpoint (Ray Train restores it when the same
+    name and storage are reused); without it an existing run folder is an error, so runs never mix.
+    `train.workers: 0` runs in this process without Ray; otherwise Ray is started or joined (`init_ray`).
+    """
+    if "://" not in cfg.data.root:  # workers run in another cwd
+        cfg = apply_overrides(cfg, {"data.root": os.path.abspath(os.path.expanduser(cfg.data.root))})
+    storage, fs = resolve_storage(cfg)
+    pfs, base = _filesystem(storage, fs)
+    run_path = f"{base.rstrip('/')}/{cfg.run.name}"
+    exists = pfs.get_file_info(run_path).type != pafs.FileType.NotFound
+    if exists and not resume:
+        raise FileExistsError(
+            f"a run named '{cfg.run.name}' already exists at {run_path}; pass --resume to "
+            "continue it, or choose another run.name"
+        )
+    if resume and not exists:
+        raise FileNotFoundError(
+            f"--resume: no run named '{cfg.run.name}' under {storage}; start it without --resume"
+        )
+    extras = dict(loop_extras or {})
+    if cfg.train.workers == 0:
+        session = _LocalSession(cfg, run_path, pfs)
+        torch_threads = torch.get_num_threads()
+        with threadpool_limits(limits=None):  # restores this process's thread pools on exit
+            try:
+                summary = run_loop({**cfg.model_dump(mode="json"), **extras}, session)
+            finally:
+                torch.set_num_threads(torch_threads)
+        metrics, found = session.last_metrics or {}, session.checkpoints()
+        ckpt = found[-1] if found else None
+    else:
+        init_ray(address)
+        check_resources(cfg)
+        trainer = build_trainer(
+            cfg, name=cfg.run.name, storage_path=storage, storage_filesystem=fs, loop_extras=extras
+        )
+        try:
+            result = trainer.fit()
+        except (
+            Exception
+        ) as err:  # TrainingFailedError; surface the deterministic non-finite failure as itself
+            cause = nonfinite_cause(err)
+            if cause is not None:
+                raise cause from err
+            raise
+        metrics, summary = result.metrics or {}, result.return_value or {}
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    names = summary.get("class_names") or list(dataset_info(cfg.data.dataset)[1])
+    if metrics.get("val_class_iou"):
+        print(f"\nper-class IoU at iteration {metrics['iteration']} (val mIoU {metrics['val_miou']:.4f}):")
+        for name, v in zip(names, metrics["val_class_iou"], strict=False):
+            print(f"  {name:<16} {'   n/a' if math.isnan(v) else f'{v:6.4f}'}")
+    return TrainOutcome(
+        metrics=metrics,
+        best_val_miou=summary.get("best_val_miou", math.nan),
+        best_iteration=summary.get("best_iteration", 0),
+        checkpoint_path=ckpt,
+        run_path=run_path,
+        summary=summary,
+    )
