@@ -28,6 +28,7 @@ __all__ = [
     "to_yaml",
 ]
 
+MIN_TEMPERATURE = 0.026  # 1/39: see LossSection._float32_safe
 NUM_CLASSES = {"canvases": 13, "cityscapes": 19}  # canvases: 10 digits + 3 textures; Cityscapes: 19 train ids
 
 
@@ -112,6 +113,15 @@ class LossSection(_Section):
     warmup_iters: int = Field(5000, ge=0)  # ALGORITHM.md s6: official hard switch at 5000 of 40k
     ignore_index: int = 255  # Cityscapes ignore label
     class_weights: tuple[float, ...] | None = None  # optional CE class weights, one per class
+
+    @field_validator("temperature")
+    @classmethod
+    def _float32_safe(cls, v: float) -> float:
+        # The contrast term runs in float32 without a max-shift: exp(+-1/t) over unit features must stay in
+        # range (raycontrast.loss checks |s| <= 39), so t >= 1/39.
+        if v < MIN_TEMPERATURE:
+            raise ValueError(f"must be >= {MIN_TEMPERATURE} (float32 range of exp(1/t) for unit features)")
+        return v
 
     @field_validator("class_weights")
     @classmethod

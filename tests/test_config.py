@@ -69,6 +69,7 @@ BAD_OVERRIDES = [
     ({"loss.temprature": 0.2}, "loss.temprature", "did you mean 'loss.temperature'"),
     ({"loss.temperature": 0}, "loss.temperature", "greater than 0"),
     ({"loss.temperature": -0.5}, "loss.temperature", "greater than 0"),
+    ({"loss.temperature": 0.01}, "loss.temperature", "must be >= 0.026"),
     ({"loss.base_temperature": 0}, "loss.base_temperature", "greater than 0"),
     ({"loss.weight": -1}, "loss.weight", "greater than or equal to 0"),
     ({"loss.max_views": 0}, "loss.max_views", "greater than or equal to 1"),
