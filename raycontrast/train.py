@@ -8,37 +8,48 @@ object: `_RaySession` inside a Ray Train worker (`train_loop_per_worker`), `_Loc
 Why local mode is not Ray Train's own `num_workers=0`: that mode keeps only the last reported checkpoint
 object in memory (pointing at a directory the loop deletes right after reporting), never writes to
 `storage_path`, returns no checkpoint at start (so no resume) and ignores the failure and checkpoint
-configs. `_LocalSession` persists checkpoints under `<storage>/<run.name>/checkpoint_<iteration>/` and
-resumes from the latest one, so local runs behave like Ray runs.
+configs. `checkpoint.LocalSession` persists checkpoints under `<storage>/<run.name>/checkpoint_<iteration>/`
+and resumes from the latest complete one, so local runs behave like Ray runs.
 
-Determinism, which exact resume and the DDP tests rely on: the data order is a function of
-(seed, epoch) sharded by rank exactly like `DistributedSampler(shuffle=True, drop_last=True)`; each
-sample's augmentation is seeded by (seed, epoch, index); the per-rank generator for anchor and memory
+Resume: both sessions load the newest *complete* checkpoint (`checkpoint.load_latest`): when the one Ray
+registered last is truncated or corrupt, the loop says so and falls back to an older one. Determinism, which
+exact resume and the DDP tests rely on: the data order and augmentations are functions of (seed, epoch,
+index) (`checkpoint.ShardSampler`, `checkpoint.SeededItems`); the per-rank generator for anchor and memory
 sampling is re-seeded every step from (seed, rank, iteration). So a run resumed from the checkpoint at
 iteration k replays iterations k+1.. exactly as an uninterrupted run, skipping the batches already seen.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import random
+import posixpath
 import re
 import resource
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 from threadpoolctl import threadpool_limits
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from raycontrast.checkpoint import (
+    LocalSession,
+    SeededItems,
+    ShardSampler,
+    capture_rng_state,
+    filesystem_for,
+    load_latest,
+    restore_rng_state,
+    save_state,
+    step_seed,
+    storage_location,
+)
 from raycontrast.config import Config, apply_overrides
 from raycontrast.data.loader import build_dataset, dataset_info
 from raycontrast.engine import (
@@ -75,53 +86,12 @@ _STAT_KEYS = ("loss", "ce", "contrast", "anchors", "hard_share", "intra_cos", "i
 _METRIC_NAMES = ("loss", "ce_loss", "contrast_loss", *_STAT_KEYS[3:])
 
 
+# Former names of helpers that moved to `raycontrast.checkpoint`, kept for importers.
+_rng_state, _set_rng_state = capture_rng_state, restore_rng_state
+
+
 class InsufficientResourcesError(RuntimeError):
     """The cluster cannot place the requested Train workers (raised before any actor starts)."""
-
-
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. seed, rank, iteration) with NumPy's SeedSequence."""
-    a, b = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(a) << 31) ^ int(b)
-
-
-class ShardSampler(DistributedSampler):
-    """`DistributedSampler(shuffle=True, drop_last=True)` that yields `(epoch, index)` and can skip.
-
-    The order depends only on (seed, epoch); `skip` drops that many leading samples of this rank's shard
-    (batches already trained on before a resume). The epoch travels with the index so that
-    `SeededItems` can seed each sample's augmentation, also inside DataLoader worker processes.
-    """
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip :]
-        return iter([(self.epoch, i) for i in indices])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.skip)
-
-
-class SeededItems(Dataset):
-    """Wraps a dataset whose transforms draw from torch's global RNG: item `(epoch, i)` is drawn with that
-    RNG seeded from (seed, epoch, i), so augmentations do not depend on rank, loader workers or resumes."""
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(step_seed(self.seed, epoch, index))
-            return self.dataset[index]
 
 
 def _gather_varlen(keys: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,41 +117,15 @@ def _gather_varlen(keys: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     )
 
 
-def _rng_state() -> dict[str, Any]:
-    """Global RNG states as tensors and plain numbers (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 - saving the legacy global state
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        },
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-    }
-
-
-def _set_rng_state(s: Mapping[str, Any]) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
-    p = s["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-
-
 def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
     """Train one model as one rank of `session` (`_RaySession` or `_LocalSession`).
 
     `config_dict` is `Config.model_dump(mode="json")`, plus private keys starting with "_" used by tests:
     `_debug_dump_dir` (each rank saves its final parameters, memory and per-step losses there),
     `_fail_at_iteration` / `_fail_marker` (the last rank raises once at that iteration, if the marker file
-    does not exist yet). Returns a summary (rank 0's reaches `Result.return_value`).
+    does not exist yet), `_pause_at_iteration` / `_pause_file` (rank 0 writes its PID there once and sleeps
+    `_pause_s` seconds, so a test can kill the process at a known point). Returns a summary (rank 0's
+    reaches `Result.return_value`).
     """
     extras = {k: v for k, v in config_dict.items() if k.startswith("_")}
     cfg = Config.model_validate({k: v for k, v in config_dict.items() if not k.startswith("_")})
@@ -196,10 +140,13 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
     num_classes, class_names = dataset_info(d.dataset)
     is_cuda = device.type == "cuda"
 
+    # The newest complete checkpoint, if any (loaded first: no pretrained weights are needed when resuming).
+    state = session.load_checkpoint()
+
     # ---- build: identical initial weights on every rank (DDP also broadcasts rank 0's)
     seed_everything(cfg.run.seed)
     model = HRNetV2(cfg.model.variant, num_classes, proj_dim=cfg.model.proj_dim)
-    if cfg.model.pretrained and not session.has_checkpoint():
+    if cfg.model.pretrained and state is None:
         load_pretrained(model, cfg.model.pretrained)
     if is_cuda and world > 1 and cfg.model.sync_bn:
         model = convert_sync_bn(model)  # SyncBN needs CUDA; on CPU each rank normalises its own batch
@@ -272,7 +219,6 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
 
     # ---- resume
     it, elapsed0, worker_s0, best, best_it, last_metrics = 0, 0.0, 0.0, -math.inf, 0, None
-    state = session.load_checkpoint()
     if state is not None:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -281,7 +227,7 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
             scaler.load_state_dict(state["scaler"])
         if memory is not None and state["memory"] is not None:
             memory.load_state_dict(state["memory"])
-        _set_rng_state(state["rng"])
+        restore_rng_state(state["rng"])
         it, elapsed0, worker_s0 = state["iteration"], state["elapsed_s"], state["worker_seconds"]
         best, best_it, last_metrics = state["best_val_miou"], state["best_iteration"], state["metrics"]
         if rank == 0:
@@ -310,6 +256,13 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
                 if not os.path.exists(marker):
                     open(marker, "w").close()  # noqa: SIM115 - an empty marker file
                     raise RuntimeError(f"injected failure at iteration {it} (rank {rank})")
+            if extras.get("_pause_at_iteration") == it and rank == 0:
+                pid_file = extras["_pause_file"]
+                if not os.path.exists(pid_file):  # first attempt only; a restarted worker group runs on
+                    with open(pid_file + ".tmp", "w") as f:
+                        f.write(str(os.getpid()))
+                    os.replace(pid_file + ".tmp", pid_file)  # the reader never sees an empty file
+                    time.sleep(extras.get("_pause_s", 300))
             images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             labels = labels.to(device, non_blocking=True)
             generator.manual_seed(step_seed(cfg.run.seed, rank, it))
@@ -413,7 +366,7 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
                         "scaler": scaler.state_dict() if scaler else None,
                         "memory": memory.state_dict() if memory is not None else None,
                         "iteration": it,
-                        "rng": _rng_state(),
+                        "rng": capture_rng_state(),
                         "config": cfg.model_dump(mode="json"),
                         "elapsed_s": now - t_start + elapsed0,
                         "worker_seconds": worker_s0 + world * (now - t_start),
@@ -443,6 +396,7 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
                 "memory": memory.state_dict() if memory is not None else None,
                 "losses": torch.stack(debug_losses).cpu() if debug_losses else torch.zeros(0),
                 "start_iteration": start_it,
+                "pid": os.getpid(),
             },
             os.path.join(extras["_debug_dump_dir"], f"rank{rank}.pt"),
         )
@@ -472,83 +426,29 @@ class _RaySession:
         self.device = ray.train.torch.get_device()
         self._train = ray.train
 
-    def has_checkpoint(self) -> bool:
-        return self._train.get_checkpoint() is not None
-
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint Ray registered last, else (damaged) the newest complete one of this run."""
         ck = self._train.get_checkpoint()
         if ck is None:
             return None
-        with ck.as_directory() as d:
-            return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        ck_path = ck.path.rstrip("/")
+        loaded = load_latest(ck.filesystem, posixpath.dirname(ck_path), preferred=ck_path)
+        if self.rank == 0 and (msg := loaded.describe()) is not None:
+            print(msg, flush=True)
+        return loaded.state
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         if state is None:
             self._train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(state, os.path.join(tmp, "state.pt"))
+            save_state(pafs.LocalFileSystem(), tmp, state)
             self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(tmp))
-
-
-class _LocalSession:
-    """`train.workers: 0`: one in-process rank; checkpoints go to `<run_path>/checkpoint_<iteration>/`
-    on `fs`, the best `num_to_keep` by val mIoU plus the latest are kept."""
-
-    def __init__(self, cfg: Config, run_path: str, fs: pafs.FileSystem) -> None:
-        self.rank, self.world = 0, 1
-        if cfg.train.use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu=true but torch sees no CUDA device; set train.use_gpu=false")
-        self.device = torch.device("cuda", 0) if cfg.train.use_gpu else torch.device("cpu")
-        self.run_path, self.fs, self.num_to_keep = run_path, fs, cfg.train.num_to_keep
-        self.fs.create_dir(run_path)
-        self.scores: dict[str, float] = {}  # checkpoint dir -> val mIoU
-        self.last_metrics: dict[str, Any] | None = None
-
-    def checkpoints(self) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(self.run_path, allow_not_found=True))
-        return sorted(
-            i.path
-            for i in infos
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-        )
-
-    def has_checkpoint(self) -> bool:
-        return bool(self.checkpoints())
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        found = self.checkpoints()
-        if not found:
-            return None
-        with self.fs.open_input_file(f"{found[-1]}/state.pt") as f:
-            return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        self.last_metrics = metrics
-        if state is None:
-            return
-        path = f"{self.run_path}/checkpoint_{metrics['iteration']:08d}"
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        self.fs.create_dir(path)
-        with self.fs.open_output_stream(f"{path}/state.pt") as f:
-            f.write(buf.getvalue())
-        score = metrics["val_miou"]
-        self.scores[path] = -math.inf if math.isnan(score) else score
-        latest = self.checkpoints()[-1]
-        ranked = sorted(self.scores, key=lambda p: self.scores[p], reverse=True)
-        for old in ranked[self.num_to_keep :]:
-            if old != latest:
-                self.fs.delete_dir(old)
-                del self.scores[old]
 
 
 def train_loop_per_worker(config_dict: dict) -> dict[str, Any]:
@@ -560,27 +460,10 @@ def train_loop_per_worker(config_dict: dict) -> dict[str, Any]:
 
 
 def resolve_storage(cfg: Config) -> tuple[str, pafs.FileSystem | None]:
-    """`(storage path for Ray, pyarrow filesystem or None)`.
-
-    `s3://bucket/prefix` -> `("bucket/prefix", S3FileSystem(endpoint_override=run.s3_endpoint,
-    scheme=run.s3_scheme))` (credentials from the usual AWS environment variables); other URIs pass through
-    for Ray to resolve; a local path becomes absolute (Ray workers do not share the driver's cwd).
-    """
-    sp = cfg.run.storage_path
-    if sp.startswith("s3://"):
-        kwargs = {"endpoint_override": cfg.run.s3_endpoint} if cfg.run.s3_endpoint else {}
-        return sp[len("s3://") :].rstrip("/"), pafs.S3FileSystem(scheme=cfg.run.s3_scheme, **kwargs)
-    if "://" in sp:
-        return sp.rstrip("/"), None
-    return os.path.abspath(os.path.expanduser(sp)), None
-
-
-def _filesystem(storage: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if fs is not None:
-        return fs, storage
-    if "://" in storage:
-        return pafs.FileSystem.from_uri(storage)
-    return pafs.LocalFileSystem(), storage
+    """`(storage path for Ray, pyarrow filesystem or None)` of `run.storage_path` (see
+    `checkpoint.storage_location`: S3 URIs get an `S3FileSystem`, local paths become absolute)."""
+    r = cfg.run
+    return storage_location(r.storage_path, s3_endpoint=r.s3_endpoint, s3_scheme=r.s3_scheme)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -713,7 +596,7 @@ def fit(
     if "://" not in cfg.data.root:  # workers run in another cwd
         cfg = apply_overrides(cfg, {"data.root": os.path.abspath(os.path.expanduser(cfg.data.root))})
     storage, fs = resolve_storage(cfg)
-    pfs, base = _filesystem(storage, fs)
+    pfs, base = filesystem_for(storage, fs)
     run_path = f"{base.rstrip('/')}/{cfg.run.name}"
     exists = pfs.get_file_info(run_path).type != pafs.FileType.NotFound
     if exists and not resume:
@@ -727,7 +610,7 @@ def fit(
         )
     extras = dict(loop_extras or {})
     if cfg.train.workers == 0:
-        session = _LocalSession(cfg, run_path, pfs)
+        session = LocalSession(run_path, pfs, num_to_keep=cfg.train.num_to_keep, use_gpu=cfg.train.use_gpu)
         torch_threads = torch.get_num_threads()
         with threadpool_limits(limits=None):  # restores this process's thread pools on exit
             try:
