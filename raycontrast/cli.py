@@ -91,7 +91,16 @@ def _run_analyze(path: str, out: str | None, top_k: int, filesystem=None) -> Non
     from raycontrast.analyze import analyze
 
     report = analyze(path, out_dir=out, top_k=top_k, filesystem=filesystem)
-    print(f"\nreport: {report.report_path}")
+    lines = [f"\nanalysis of {report.num_trials} trial(s) in {report.experiment}"]
+    if report.best_trial_id is not None:
+        lines.append(f"  best trial {report.best_trial_id}: val mIoU {report.best_val_miou:.4f}")
+    if report.importance:
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in report.importance.items())
+        lines.append(f"  importance: {shares}")
+    else:
+        lines.append(f"  importance: {report.importance_note}")
+    lines += [f"  {name:<12} {where}" for name, where in report.paths.items()]
+    print("\n".join(lines), flush=True)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

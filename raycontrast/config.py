@@ -137,6 +137,7 @@ class MemorySection(_Section):
 
 
 class OptimSection(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"  # ALGORITHM.md s6: SGD; AdamW for short from-scratch runs (demo)
     lr: float = Field(0.01, gt=0)  # ALGORITHM.md s6: SGD lr 0.01
     momentum: float = Field(0.9, ge=0, lt=1)  # ALGORITHM.md s6
     weight_decay: float = Field(5e-4, ge=0)  # ALGORITHM.md s6 (official; mmseg uses 2e-4)

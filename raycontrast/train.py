@@ -164,7 +164,11 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
             gather_fn=_gather_varlen if world > 1 else None,
         ).to(device)
     optimizer = build_optimizer(
-        raw, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        raw,
+        lr=cfg.optim.lr,
+        momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay,
+        name=cfg.optim.name,
     )
     scheduler = build_scheduler(
         optimizer, max_iters=t.iterations, power=cfg.optim.poly_power, min_lr=cfg.optim.min_lr

@@ -562,3 +562,13 @@ def test_ddp_ranks_decide_alike_and_stay_identical(tmp_path) -> None:
         assert all(torch.equal(a[k], b[k]) for k in a), it  # same weights and same memory on both ranks
     s0, s1 = load("rank0_step0.pt"), load("rank0_step1.pt")
     assert all(torch.equal(s0[k], s1[k]) for k in s0)  # the skipped step changed nothing on rank 0 either
+
+
+def test_adamw_option_keeps_the_weight_decay_groups() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = build_optimizer(model, lr=1e-3, momentum=0.9, weight_decay=0.01, name="adamw")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
+        build_optimizer(model, lr=1e-3, momentum=0.9, weight_decay=0.0, name="lamb")
