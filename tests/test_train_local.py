@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from raycontrast import train
+from raycontrast import loop, train
 from raycontrast.config import load_config
 from raycontrast.engine import NonFiniteLossError
 
@@ -96,13 +96,13 @@ def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
 
 
 def test_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
-    real_step = train.train_step
+    real_step = loop.train_step
 
     def nan_step(*args, **kwargs):
         stats = real_step(*args, **kwargs)
         return {**stats, "finite": torch.tensor(False), "loss": torch.tensor(math.nan)}
 
-    monkeypatch.setattr(train, "train_step", nan_step)
+    monkeypatch.setattr(loop, "train_step", nan_step)
     cfg = make_config(tmp_path, **{"train.iterations": 6, "train.max_nonfinite_steps": 3})
     with pytest.raises(NonFiniteLossError, match=r"^non-finite loss: 3 consecutive steps up to iteration 3"):
         train.fit(cfg)
