@@ -231,11 +231,11 @@ def train_step(
     stats["grad_norm"] = grad_norm.float()
     stats["lr"] = torch.full((), lr, device=device)  # a fill, not a host-to-device copy
     stats["finite"] = finite
-    fill = memory.fill() if memory is not None else 0.0
-    if isinstance(fill, Tensor):
-        stats["memory_fill"] = fill.detach().to(device=device, dtype=torch.float32)
-    else:  # a Python float (the memory already synced to compute it)
-        stats["memory_fill"] = torch.full((), float(fill), device=device)
+    stats["memory_fill"] = (
+        memory.fill().to(device=device, dtype=torch.float32)
+        if memory is not None
+        else torch.zeros((), device=device)
+    )
     return stats
 
 

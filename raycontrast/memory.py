@@ -71,9 +71,9 @@ class PixelMemory:
         self.feats, self.ptr, self.count = self.feats.to(device), self.ptr.to(device), self.count.to(device)
         return self
 
-    def fill(self) -> float:
-        """Fraction of all slots that hold an entry (diagnostics; one host sync)."""
-        return float(self.count.sum()) / self.count.numel() / self.size
+    def fill(self) -> Tensor:
+        """Fraction of all slots that hold an entry, a 0-d float tensor on the memory's device (no host sync)."""
+        return self.count.sum() / (self.count.numel() * self.size)
 
     @torch.no_grad()
     def candidates(
