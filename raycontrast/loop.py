@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +50,15 @@ from raycontrast.memory import PixelMemory
 from raycontrast.metrics import all_reduce_confusion, iou, miou, pixel_accuracy
 from raycontrast.models.hrnet import HRNetV2, convert_sync_bn, load_pretrained
 
-__all__ = ["run_loop"]
+__all__ = ["run_loop", "say"]
+
+
+def say(message: str) -> None:
+    """One progress line on stdout. Written directly: Ray Train patches `print` inside workers to log *and*
+    echo, which would show every line twice on the driver."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
 
 # Window statistics: per-step means over finite steps (order = the stacked accumulator's rows).
 _STAT_KEYS = ("loss", "ce", "contrast", "anchors", "hard_share", "intra_cos", "inter_cos", "memory_fill")
@@ -197,10 +206,9 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
         it, elapsed0, worker_s0 = state["iteration"], state["elapsed_s"], state["worker_seconds"]
         best, best_it, last_metrics = state["best_val_miou"], state["best_iteration"], state["metrics"]
         if rank == 0:
-            print(
+            say(
                 f"resumed at iteration {it}/{t.iterations} (memory fill "
-                f"{float(memory.fill()) if memory is not None else 0:.2f})",
-                flush=True,
+                f"{float(memory.fill()) if memory is not None else 0:.2f})"
             )
     start_it = it
 
@@ -268,11 +276,10 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
             if rank == 0 and (it % t.log_interval == 0 or it == t.iterations):
                 m = (log_sum[:-1] / log_sum[-1].clamp_min(1)).tolist()
                 dt = time.time() - log_t0
-                print(
+                say(
                     f"it {it}/{t.iterations} | lr {float(stats['lr']):.2e} | loss {m[0]:.4f} (ce {m[1]:.4f}, "
                     f"contrast {m[2]:.4f}) | {log_steps * t.batch_size * world / max(dt, 1e-9):.1f} img/s | "
-                    f"memory {m[7]:.2f}",
-                    flush=True,
+                    f"memory {m[7]:.2f}"
                 )
                 log_sum.zero_()
                 log_steps, log_t0 = 0, time.time()
@@ -342,10 +349,9 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
                     }
                 session.report(last_metrics, ckpt)  # every rank: a barrier
                 if rank == 0:
-                    print(
+                    say(
                         f"eval it {it}: val mIoU {val_miou:.4f} | pixel acc {last_metrics['val_pixel_acc']:.4f} | "
-                        f"best {best:.4f} @ {best_it}" + (" | checkpoint" if save else ""),
-                        flush=True,
+                        f"best {best:.4f} @ {best_it}" + (" | checkpoint" if save else "")
                     )
                 window.zero_()
                 window_steps = window_nonfinite = 0

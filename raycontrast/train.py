@@ -43,7 +43,7 @@ from raycontrast.data.loader import dataset_info
 from raycontrast.engine import (
     NonFiniteLossError,
 )
-from raycontrast.loop import run_loop
+from raycontrast.loop import run_loop, say
 
 __all__ = [
     "InsufficientResourcesError",
@@ -97,7 +97,7 @@ class _RaySession:
         ck_path = ck.path.rstrip("/")
         loaded = load_latest(ck.filesystem, posixpath.dirname(ck_path), preferred=ck_path)
         if self.rank == 0 and (msg := loaded.describe()) is not None:
-            print(msg, flush=True)
+            say(msg)
         return loaded.state
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
