@@ -79,14 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _s3_filesystem(endpoint: str | None, scheme: str):  # noqa: ANN202 - pyarrow type stays lazy
-    if endpoint is None:
-        return None
-    from pyarrow import fs
-
-    return fs.S3FileSystem(endpoint_override=endpoint, scheme=scheme)
-
-
 def _run_analyze(path: str, out: str | None, top_k: int, filesystem=None) -> None:  # noqa: ANN001
     from raycontrast.analyze import analyze
 
@@ -106,10 +98,9 @@ def _run_analyze(path: str, out: str | None, top_k: int, filesystem=None) -> Non
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "analyze":
-        fs = _s3_filesystem(args.s3_endpoint, args.s3_scheme)
-        path = args.path
-        if fs is not None and path.startswith("s3://"):
-            path = path[len("s3://") :]
+        from raycontrast.checkpoint import storage_location
+
+        path, fs = storage_location(args.path, s3_endpoint=args.s3_endpoint, s3_scheme=args.s3_scheme)
         _run_analyze(path, args.out, args.top_k, fs)
         return 0
     cfg = _resolve_config(args.config, args.sets)
