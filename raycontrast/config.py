@@ -67,6 +67,14 @@ class CanvasSection(_Section):
     height: int = Field(128, ge=32)
     width: int = Field(256, ge=32)
     seed: int = 0
+    digit_size: tuple[int, int] = (32, 42)  # (min, max) side in pixels of a pasted digit box
+
+    @field_validator("digit_size")
+    @classmethod
+    def _digit_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 10 <= v[0] <= v[1]:
+            raise ValueError("must be [min, max] with 10 <= min <= max")
+        return v
 
 
 class DataSection(_Section):
@@ -74,6 +82,7 @@ class DataSection(_Section):
     root: str = "data/cityscapes"  # Cityscapes root (leftImg8bit/, gtFine/) or the demo-data cache dir
     crop_size: tuple[int, int] = (512, 1024)  # ALGORITHM.md s6: crop 512x1024
     scale_range: tuple[float, float] = (0.5, 2.0)  # ALGORITHM.md s6: random scale 0.5-2.0
+    hflip: bool = True  # random horizontal flip; off for glyphs (a mirrored digit is another shape)
     loader_workers: int = Field(2, ge=0)  # DataLoader processes per training worker
     canvases: CanvasSection = CanvasSection()
 

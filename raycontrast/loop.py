@@ -151,7 +151,12 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     generator = torch.Generator(device=device)
 
-    canvas = {"height": d.canvases.height, "width": d.canvases.width, "seed": d.canvases.seed}
+    canvas = {
+        "height": d.canvases.height,
+        "width": d.canvases.width,
+        "seed": d.canvases.seed,
+        "digit_size": d.canvases.digit_size,
+    }
 
     def dataset(split: str, n: int, train: bool) -> Dataset:
         args = {**canvas, "num_images": n} if d.dataset == "canvases" else None
@@ -162,6 +167,7 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
             crop_size=d.crop_size,
             scale_range=d.scale_range,
             train=train,
+            hflip=d.hflip,
             canvas_args=args,
         )
 

@@ -84,6 +84,8 @@ BAD_OVERRIDES = [
     ({"optim.momentum": 1.0}, "optim.momentum", "less than 1"),
     ({"data.crop_size": [4, 4]}, "data.crop_size", ">= 8"),
     ({"data.scale_range": [2.0, 0.5]}, "data.scale_range", "low <= high"),
+    ({"data.canvases.digit_size": [50, 40]}, "data.canvases.digit_size", "10 <= min <= max"),
+    ({"data.hflip": "sometimes"}, "data.hflip", "valid boolean"),
     ({"tune.space": {}}, "tune.space", "search space is empty"),
     ({"loss.class_weights": [1.0, 2.0]}, "loss.class_weights", "needs 19 weights"),
     ({"loss.ignore_index": 3}, "loss.ignore_index", "is a class id"),

@@ -31,19 +31,22 @@ def build_dataset(
     crop_size: tuple[int, int],
     scale_range: tuple[float, float],
     train: bool,
+    hflip: bool = True,
     canvas_args: dict[str, Any] | None = None,
 ) -> Dataset:
     """Dataset yielding ``(image float32 [3, H, W], label int64 [H, W])``.
 
     ``train=True``: random rescale in ``scale_range`` -> random ``crop_size`` crop (cat-max-ratio 0.75,
-    ignore padding) -> flip -> photometric distortion -> normalise; otherwise full size, normalise only.
+    ignore padding) -> horizontal flip (if ``hflip``) -> photometric distortion -> normalise; otherwise full size, normalise only.
     For canvases ``root`` is the cache folder (None: no cache) and ``canvas_args`` holds
     ``CanvasDataset`` keyword arguments (num_images, height, width, seed, digit_size).
     """
     dataset_info(name)  # validates the name
     ignore = canvases.IGNORE_INDEX if name == "canvases" else cityscapes.IGNORE_INDEX
     if train:
-        transform = build_train_transform(tuple(crop_size), tuple(scale_range), ignore_index=ignore)
+        transform = build_train_transform(
+            tuple(crop_size), tuple(scale_range), flip_p=0.5 if hflip else 0.0, ignore_index=ignore
+        )
     else:
         transform = build_eval_transform()
     if name == "canvases":
