@@ -1,11 +1,13 @@
 """Built-in digit/texture canvases: determinism, splits, classes, ignore ring, cache safety, anchors."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from raycontrast.config import load_config
 from raycontrast.data import canvases
 from raycontrast.data.canvases import (
     CLASS_NAMES,
@@ -186,22 +188,55 @@ def test_anchor_qualification_against_hand_count():
 
 
 def test_every_class_qualifies_as_anchor_at_demo_settings():
-    """Demo: 128x256 canvases, max_views 100 at the H/4 grid; also under the demo training augmentation."""
-    val = CanvasDataset(None, "val", num_images=128)
-    shares = anchor_qualification(val, max_views=100, stride=4)
+    """The demo config's canvases and max_views at the H/4 grid, raw and under its training augmentation."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    c, mv = cfg.data.canvases, cfg.loss.max_views
+    args = {"height": c.height, "width": c.width, "seed": c.seed, "digit_size": c.digit_size}
+    val = CanvasDataset(None, "val", num_images=128, **args)
+    shares = anchor_qualification(val, max_views=mv, stride=4)
     assert all(s >= 0.9 for s in shares.values()), shares
     torch.manual_seed(0)
     aug = build_dataset(
         "canvases",
         "train",
         root=None,
-        crop_size=(128, 256),
-        scale_range=(0.75, 1.5),
+        crop_size=cfg.data.crop_size,
+        scale_range=cfg.data.scale_range,
         train=True,
-        canvas_args={"num_images": 96},
+        canvas_args={**args, "num_images": 96},
     )
-    shares = anchor_qualification(aug, max_views=100, stride=4)
+    shares = anchor_qualification(aug, max_views=mv, stride=4)
     assert all(s >= 0.6 for s in shares.values()), shares
+
+
+def test_every_grid_cell_gets_a_digit():
+    """64x128 canvases with 30-32 px digit boxes: a 2x4 grid, so 8 digits (ink blobs) per canvas."""
+    from scipy import ndimage
+
+    _, labels = generate_canvases("val", 4, 64, 128, seed=5, digit_size=(30, 32))
+    for lab in labels:
+        cells = [lab[r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] for r in range(2) for c in range(4)]
+        assert all((cell < 10).any() for cell in cells)
+        assert ndimage.label(lab < 10)[1] >= 8
+
+
+def test_hflip_off_never_mirrors():
+    """``hflip=False`` (the demo: a mirrored digit is another glyph): at scale 1 the crop is the canvas."""
+    kw = {"root": None, "crop_size": (64, 128), "scale_range": (1.0, 1.0), "train": True}
+    args = {"num_images": 8, "height": 64, "width": 128, "digit_size": (30, 32)}
+    raw = CanvasDataset(None, "train", **args)
+    for hflip, expect_mirrored in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        ds = build_dataset("canvases", "train", hflip=hflip, canvas_args=args, **kw)
+        mirrored = []
+        for i in range(len(ds)):
+            lab = ds[i][1].numpy()
+            if np.array_equal(lab, raw.labels[i]):
+                mirrored.append(False)
+            else:
+                assert np.array_equal(lab, raw.labels[i][:, ::-1])
+                mirrored.append(True)
+        assert any(mirrored) == expect_mirrored
 
 
 def test_build_dataset_errors():

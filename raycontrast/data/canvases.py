@@ -1,8 +1,9 @@
 """Built-in demo data: real handwritten digits on real textures, deterministic by seed.
 
 Each canvas is a background of 1-3 texture regions (brick, grass, gravel from scikit-image's bundled
-images) split by parallel straight boundaries of random direction, with 1..n handwritten digits
-(scikit-learn's bundled 8x8 digits, bilinearly upscaled about 12x) pasted on top in a random colour.
+images) split by parallel straight boundaries of random direction, with a handwritten digit (scikit-learn's
+bundled 8x8 digits, bilinearly upscaled, about 4x for the default 32-42 px box) pasted in a random colour
+into every cell of a grid, so each canvas carries many digits of most classes.
 Classes: 0-9 the digits (ink pixels), 10 brick, 11 grass, 12 gravel. Ignore (255): the anti-aliased ring
 between a digit's ink and the background, and a 2-pixel band along texture boundaries.
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from raycontrast.data.transforms import build_eval_transform, item_rng
+from raycontrast.data.transforms import build_eval_transform, build_train_transform, item_rng
 
 IGNORE_INDEX = 255
 CLASS_NAMES: tuple[str, ...] = tuple(f"digit {d}" for d in range(10)) + ("brick", "grass", "gravel")
@@ -41,7 +42,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 TEXTURES = ("brick", "grass", "gravel")
 SPLITS = ("train", "val")
 # Bump when the generator changes so stale caches are never reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a digit in every grid cell (1 filled half to all cells at random)
 _DIGIT_SPLIT_SEED = 20210101  # fixed forever: the train/val digit pools must never move
 _VAL_DIGIT_FRACTION = 1 / 3
 # Thresholds on the upscaled digit intensity (0..1): ink above _INK, ignore ring between _RING and _INK.
@@ -148,16 +149,15 @@ def _paste_digits(
     pool: np.ndarray,
     digit_size: tuple[int, int],
 ) -> None:
-    """Paste non-overlapping digits in place: one per randomly chosen slot of a grid of ``max size`` cells."""
+    """Paste non-overlapping digits in place: one in every cell of a grid of ``max size`` cells."""
     imgs, targets = _digits()
     h, w = label.shape
     smax = min(digit_size[1], h, w)
     smin = min(digit_size[0], smax)
     rows, cols = max(1, h // smax), max(1, w // smax)
     slots = rows * cols
-    n = int(rng.integers((slots + 1) // 2, slots + 1))
     sh, sw = h // rows, w // cols
-    for slot in rng.choice(slots, size=n, replace=False):
+    for slot in range(slots):
         idx = int(rng.choice(pool))
         s = int(rng.integers(smin, smax + 1))
         y0 = (slot // cols) * sh + int(rng.integers(0, sh - s + 1))
@@ -170,8 +170,15 @@ def _paste_digits(
         ink_rgb = _hsv_colour(rng) * (0.75 + 0.25 * box.mean(-1, keepdims=True))
         rgb[y0 : y0 + s, x0 : x0 + s] = box * (1 - alpha) + ink_rgb * alpha
         lab = label[y0 : y0 + s, x0 : x0 + s]
-        lab[v >= _RING] = IGNORE_INDEX
-        lab[v >= _INK] = targets[idx]
+        ink = v >= _INK
+        # The ring is also every 4-neighbour of ink: at small upscales v can drop past the ring in one pixel.
+        near = ink.copy()
+        near[1:] |= ink[:-1]
+        near[:-1] |= ink[1:]
+        near[:, 1:] |= ink[:, :-1]
+        near[:, :-1] |= ink[:, 1:]
+        lab[(v >= _RING) | near] = IGNORE_INDEX
+        lab[ink] = targets[idx]
 
 
 def generate_canvases(
@@ -180,7 +187,7 @@ def generate_canvases(
     height: int = 128,
     width: int = 256,
     seed: int = 0,
-    digit_size: tuple[int, int] = (104, 128),
+    digit_size: tuple[int, int] = (32, 42),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate ``(images uint8 [N, H, W, 3], labels uint8 [N, H, W])``; canvas i depends on (seed, split, i).
 
@@ -239,7 +246,7 @@ class CanvasDataset(Dataset):
         width: int = 256,
         seed: int = 0,
         transform: Callable | None = None,
-        digit_size: tuple[int, int] = (104, 128),
+        digit_size: tuple[int, int] = (32, 42),
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"CanvasDataset: split must be one of {SPLITS}, got {split!r}")
@@ -316,25 +323,36 @@ def anchor_qualification(dataset: Dataset, max_views: int, stride: int = 4) -> d
     }
 
 
-if __name__ == "__main__":
-    from raycontrast.data.transforms import build_train_transform
+def _report(config_path: str) -> None:
+    """Print generation time and the anchor-qualification table for a config's canvases and max_views."""
+    from raycontrast.config import load_config
 
-    for split, n in (("train", 512), ("val", 128)):
+    cfg = load_config(config_path)
+    c, mv = cfg.data.canvases, cfg.loss.max_views
+    args = {"height": c.height, "width": c.width, "seed": c.seed, "digit_size": c.digit_size}
+    for split, n in (("train", c.train_images), ("val", c.val_images)):
         t0 = time.perf_counter()
-        generate_canvases(split, n)
-        print(f"generate {split}: {n} canvases 128x256 in {time.perf_counter() - t0:.2f} s")
-    train = CanvasDataset(None, "train", 512)
-    val = CanvasDataset(None, "val", 128)
+        generate_canvases(split, n, **args)
+        print(f"generate {split}: {n} canvases {c.height}x{c.width} in {time.perf_counter() - t0:.2f} s")
     rows = {
-        "train mv100": anchor_qualification(train, 100),
-        "val mv100": anchor_qualification(val, 100),
+        f"train mv{mv}": anchor_qualification(CanvasDataset(None, "train", c.train_images, **args), mv),
+        f"val mv{mv}": anchor_qualification(CanvasDataset(None, "val", c.val_images, **args), mv),
     }
-    for scale in ((0.75, 1.5), (0.5, 2.0)):
-        torch.manual_seed(0)
-        aug = CanvasDataset(None, "train", 512, transform=build_train_transform((128, 256), scale))
-        for mv in (100, 50):
-            rows[f"aug{scale[0]}-{scale[1]} mv{mv}"] = anchor_qualification(aug, mv)
-    print("share of (image, class) pairs with more than max_views (mv) pixels on the H/4 grid")
-    print(f"{'class':>8} " + " ".join(f"{r:>16}" for r in rows))
+    torch.manual_seed(0)
+    flip = 0.5 if cfg.data.hflip else 0.0
+    aug_t = build_train_transform(cfg.data.crop_size, cfg.data.scale_range, flip_p=flip)
+    aug = CanvasDataset(None, "train", c.train_images, transform=aug_t, **args)
+    lo, hi = cfg.data.scale_range
+    rows[f"train aug{lo:g}-{hi:g} mv{mv}"] = anchor_qualification(aug, mv)
+    print(
+        f"{config_path}: share of (image, class) pairs with more than max_views (mv) pixels on the H/4 grid"
+    )
+    print(f"{'class':>8} " + " ".join(f"{r:>20}" for r in rows))
     for name in CLASS_NAMES:
-        print(f"{name:>8} " + " ".join(f"{rows[r][name]:>16.2f}" for r in rows))
+        print(f"{name:>8} " + " ".join(f"{rows[r][name]:>20.2f}" for r in rows))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _report(sys.argv[1] if len(sys.argv) > 1 else "configs/demo.yaml")
