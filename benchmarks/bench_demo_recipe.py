@@ -3,9 +3,9 @@
 Each run is `raycontrast train` in local mode (`train.workers=0`) on `configs/demo.yaml` with a longer budget;
 runs go `--parallel` at a time, one thread each, so a 2-core machine runs two at once. Prints, per condition,
 the final and best val mIoU of every seed, their mean and the seed spread (population std of the final mIoU),
-and the wall time to the final evaluation.
+the wall time to the final evaluation, and the val-mIoU curve (mean over seeds at every evaluation).
 
-    python benchmarks/bench_demo_recipe.py --iterations 600 --seeds 0 1 2 --parallel 2
+    python benchmarks/bench_demo_recipe.py --iterations 1200 --eval-interval 300 --seeds 0 1 2 --parallel 2
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,8 +49,8 @@ def _cpu_model() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--iterations", type=int, default=600)
-    ap.add_argument("--eval-interval", type=int, default=150)
+    ap.add_argument("--iterations", type=int, default=1200)
+    ap.add_argument("--eval-interval", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", help="JSON file for the raw results")
@@ -100,6 +101,8 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"run {cond} seed {seed} failed; log: {log.name}")
             results[cond][seed] = json.loads(out.read_text())
+            evals = re.findall(r"eval it (\d+): val mIoU ([0-9.]+)", Path(log.name).read_text())
+            results[cond][seed]["curve"] = {int(i): float(v) for i, v in evals}
             r = results[cond][seed]
             print(
                 f"  {cond:<12} seed {seed}: final {r['final']:.4f} best {r['best']:.4f} ({r['time_s']:.0f} s)"
@@ -119,6 +122,16 @@ def main() -> None:
             f"| {cond} | {len(finals)} | {', '.join(f'{v:.3f}' for v in finals)} | {statistics.mean(finals):.3f} "
             f"| {statistics.pstdev(finals):.3f} | {statistics.mean(bests):.3f} | {statistics.mean(times):.0f} s |"
         )
+    print("\nval mIoU curve, mean over seeds:")
+    its = sorted({i for per_seed in results.values() for r in per_seed.values() for i in r["curve"]})
+    print("| iteration | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for i in its:
+        means = [
+            statistics.mean(r["curve"].get(i, float("nan")) for r in per_seed.values())
+            for per_seed in results.values()
+        ]
+        print(f"| {i} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     print(f"total wall time {time.perf_counter() - start:.0f} s; logs and runs in {work}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
