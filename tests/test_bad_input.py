@@ -447,7 +447,7 @@ def test_resources_follow_the_numbers_and_skip_clusters() -> None:
 def test_multi_node_search_with_a_local_path_is_refused() -> None:
     """Known only after connecting: `tune.run_search` calls this with the live node count."""
     from raycontrast.config import ConfigError
-    from raycontrast.tune import check_shared_storage
+    from raycontrast.plan import check_shared_storage
 
     with pytest.raises(
         ConfigError, match="cluster has 3 nodes.*local path.*shared mount \\(NFS\\) or s3://"

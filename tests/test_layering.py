@@ -6,6 +6,7 @@ import sys
 CORE = [
     "raycontrast.config",
     "raycontrast.space",
+    "raycontrast.plan",
     "raycontrast.loss",
     "raycontrast.memory",
     "raycontrast.models.hrnet",

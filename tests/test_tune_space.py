@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from raycontrast import plan as plan_mod
 from raycontrast.config import ConfigError, apply_overrides, load_config
 from raycontrast.space import parse_space
 
@@ -69,9 +70,9 @@ def test_list_choices_travel_as_json_and_decode_to_config_values() -> None:
 
 
 def test_plan_one_worker_trials_on_two_cpus() -> None:
-    plan = tune_mod.plan_resources(2.0, 0.0, _cfg())  # smoke: 1 worker x 1 CPU, 3 samples
-    assert plan.driver_cpus == tune_mod.DRIVER_CPUS
-    assert plan.worker_cpus == pytest.approx(1.0 - tune_mod.DRIVER_CPUS)
+    plan = plan_mod.plan_resources(2.0, 0.0, _cfg())  # smoke: 1 worker x 1 CPU, 3 samples
+    assert plan.driver_cpus == plan_mod.DRIVER_CPUS
+    assert plan.worker_cpus == pytest.approx(1.0 - plan_mod.DRIVER_CPUS)
     assert plan.trial_cpus == pytest.approx(1.0) and plan.trial_gpus == 0
     assert (plan.fit, plan.max_concurrent) == (2, 2)
     text = plan.describe()
@@ -91,7 +92,7 @@ def test_plan_one_worker_trials_on_two_cpus() -> None:
 )
 def test_plan_arithmetic(cpus: float, gpus: float, overrides: dict, fit: int, conc: int) -> None:
     cfg = _cfg(**overrides)
-    plan = tune_mod.plan_resources(cpus, gpus, cfg)
+    plan = plan_mod.plan_resources(cpus, gpus, cfg)
     assert (plan.fit, plan.max_concurrent) == (fit, conc)
     t = cfg.train
     # A trial never reserves more than the user's workers x cpus_per_worker, and Ray's 1e-4 resource grid holds.
@@ -124,11 +125,11 @@ def test_plan_arithmetic(cpus: float, gpus: float, overrides: dict, fit: int, co
 )
 def test_plan_refuses_trials_that_never_fit(cpus, gpus, overrides, nodes, message) -> None:
     with pytest.raises(ConfigError, match=message):
-        tune_mod.plan_resources(cpus, gpus, _cfg(**overrides), node_resources=nodes)
+        plan_mod.plan_resources(cpus, gpus, _cfg(**overrides), node_resources=nodes)
 
 
 def test_workers_keep_the_thread_count_of_their_cpus() -> None:
-    plan = tune_mod.plan_resources(8, 0, _cfg(**{"train.cpus_per_worker": 2}))
+    plan = plan_mod.plan_resources(8, 0, _cfg(**{"train.cpus_per_worker": 2}))
     over = tune_mod._worker_overrides(_cfg(**{"train.cpus_per_worker": 2}), plan)
     assert over == {"train.cpus_per_worker": plan.worker_cpus, "train.threads_per_worker": 2}
     explicit = _cfg(**{"train.threads_per_worker": 3})
@@ -154,15 +155,15 @@ def test_workers_keep_the_thread_count_of_their_cpus() -> None:
 )
 def test_multi_node_needs_shared_storage(path: str, nodes: int, fs_type: str | None, ok: bool) -> None:
     if ok:
-        tune_mod.check_shared_storage(path, nodes, fs_type)
+        plan_mod.check_shared_storage(path, nodes, fs_type)
         return
     with pytest.raises(ConfigError, match=rf"{nodes} nodes but .* local path.*NFS.*s3://") as err:
-        tune_mod.check_shared_storage(path, nodes, fs_type)
+        plan_mod.check_shared_storage(path, nodes, fs_type)
     assert err.value.key == "run.storage_path"
 
 
 def test_mount_type_of_the_root_filesystem() -> None:
-    assert tune_mod._mount_fs_type("/") is not None  # Linux CI: /proc/mounts lists "/"
+    assert plan_mod.mount_fs_type("/") is not None  # Linux CI: /proc/mounts lists "/"
 
 
 # ------------------------------------------------------------------------- errors before Ray starts
