@@ -23,31 +23,15 @@ from pathlib import Path
 
 from raycontrast import train
 from raycontrast.config import apply_overrides, load_config, parse_overrides
-from raycontrast.data.loader import build_dataset
+from raycontrast.data.loader import dataset_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def warm_data_cache(cfg) -> None:
-    d = cfg.data
-    if d.dataset != "canvases":
-        return
-    for split, n in (("train", d.canvases.train_images), ("val", d.canvases.val_images)):
-        args = {
-            "height": d.canvases.height,
-            "width": d.canvases.width,
-            "seed": d.canvases.seed,
-            "num_images": n,
-        }
-        build_dataset(
-            d.dataset,
-            split,
-            root=d.root,
-            crop_size=d.crop_size,
-            scale_range=d.scale_range,
-            train=split == "train",
-            canvas_args=args,
-        )
+    """Generate the canvases cache once, so neither mode pays for it."""
+    for split in ("train", "val"):
+        dataset_from_config(cfg.data, split, train=split == "train")
 
 
 def run(cfg, mode: str) -> dict[str, float]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from threadpoolctl import threadpool_limits
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from raycontrast.checkpoint import (
     SeededItems,
@@ -36,7 +36,7 @@ from raycontrast.checkpoint import (
     step_seed,
 )
 from raycontrast.config import Config
-from raycontrast.data.loader import build_dataset, dataset_info
+from raycontrast.data.loader import dataset_from_config, dataset_info
 from raycontrast.engine import (
     NonFiniteLossError,
     build_optimizer,
@@ -151,29 +151,9 @@ def run_loop(config_dict: Mapping[str, Any], session: Any) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     generator = torch.Generator(device=device)
 
-    canvas = {
-        "height": d.canvases.height,
-        "width": d.canvases.width,
-        "seed": d.canvases.seed,
-        "digit_size": d.canvases.digit_size,
-    }
-
-    def dataset(split: str, n: int, train: bool) -> Dataset:
-        args = {**canvas, "num_images": n} if d.dataset == "canvases" else None
-        return build_dataset(
-            d.dataset,
-            split,
-            root=d.root,
-            crop_size=d.crop_size,
-            scale_range=d.scale_range,
-            train=train,
-            hflip=d.hflip,
-            canvas_args=args,
-        )
-
     train_set, val_set = (
-        dataset("train", d.canvases.train_images, True),
-        dataset("val", d.canvases.val_images, False),
+        dataset_from_config(d, "train", train=True),
+        dataset_from_config(d, "val", train=False),
     )
     sampler = ShardSampler(train_set, num_replicas=world, rank=rank, seed=cfg.run.seed)
     steps_per_epoch = sampler.num_samples // t.batch_size

@@ -19,7 +19,7 @@ from raycontrast.data.canvases import (
     generate_canvases,
     save_npz_atomic,
 )
-from raycontrast.data.loader import build_dataset, dataset_info
+from raycontrast.data.loader import build_dataset, dataset_from_config, dataset_info
 from raycontrast.data.transforms import build_train_transform
 
 SMALL = {"num_images": 6, "height": 64, "width": 128, "digit_size": (52, 64)}
@@ -187,24 +187,18 @@ def test_anchor_qualification_against_hand_count():
     assert math.isnan(shares["c"])
 
 
-def test_every_class_qualifies_as_anchor_at_demo_settings():
+def test_every_class_qualifies_as_anchor_at_demo_settings(tmp_path):
     """The demo config's canvases and max_views at the H/4 grid, raw and under its training augmentation."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
-    c, mv = cfg.data.canvases, cfg.loss.max_views
-    args = {"height": c.height, "width": c.width, "seed": c.seed, "digit_size": c.digit_size}
-    val = CanvasDataset(None, "val", num_images=128, **args)
+    canvases_96 = cfg.data.canvases.model_copy(update={"train_images": 96})  # a sample is enough
+    data = cfg.data.model_copy(update={"root": str(tmp_path), "canvases": canvases_96})
+    mv = cfg.loss.max_views
+    val = dataset_from_config(data, "val", train=False)
+    assert len(val) == cfg.data.canvases.val_images
     shares = anchor_qualification(val, max_views=mv, stride=4)
     assert all(s >= 0.9 for s in shares.values()), shares
     torch.manual_seed(0)
-    aug = build_dataset(
-        "canvases",
-        "train",
-        root=None,
-        crop_size=cfg.data.crop_size,
-        scale_range=cfg.data.scale_range,
-        train=True,
-        canvas_args={**args, "num_images": 96},
-    )
+    aug = dataset_from_config(data, "train", train=True)
     shares = anchor_qualification(aug, max_views=mv, stride=4)
     assert all(s >= 0.6 for s in shares.values()), shares
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from raycontrast.data.transforms import build_eval_transform, build_train_transform, item_rng
+from raycontrast.data.transforms import build_eval_transform, item_rng
 
 IGNORE_INDEX = 255
 CLASS_NAMES: tuple[str, ...] = tuple(f"digit {d}" for d in range(10)) + ("brick", "grass", "gravel")
@@ -326,23 +326,21 @@ def anchor_qualification(dataset: Dataset, max_views: int, stride: int = 4) -> d
 def _report(config_path: str) -> None:
     """Print generation time and the anchor-qualification table for a config's canvases and max_views."""
     from raycontrast.config import load_config
+    from raycontrast.data.loader import dataset_from_config
 
     cfg = load_config(config_path)
     c, mv = cfg.data.canvases, cfg.loss.max_views
-    args = {"height": c.height, "width": c.width, "seed": c.seed, "digit_size": c.digit_size}
     for split, n in (("train", c.train_images), ("val", c.val_images)):
         t0 = time.perf_counter()
-        generate_canvases(split, n, **args)
+        generate_canvases(split, n, c.height, c.width, c.seed, c.digit_size)
         print(f"generate {split}: {n} canvases {c.height}x{c.width} in {time.perf_counter() - t0:.2f} s")
-    rows = {
-        f"train mv{mv}": anchor_qualification(CanvasDataset(None, "train", c.train_images, **args), mv),
-        f"val mv{mv}": anchor_qualification(CanvasDataset(None, "val", c.val_images, **args), mv),
-    }
-    torch.manual_seed(0)
-    flip = 0.5 if cfg.data.hflip else 0.0
-    aug_t = build_train_transform(cfg.data.crop_size, cfg.data.scale_range, flip_p=flip)
-    aug = CanvasDataset(None, "train", c.train_images, transform=aug_t, **args)
     lo, hi = cfg.data.scale_range
+    rows = {  # train=False: no augmentation, the raw labels
+        f"{split} mv{mv}": anchor_qualification(dataset_from_config(cfg.data, split, train=False), mv)
+        for split in ("train", "val")
+    }
+    aug = dataset_from_config(cfg.data, "train", train=True)
+    torch.manual_seed(0)  # the augmentation draws from torch's RNG
     rows[f"train aug{lo:g}-{hi:g} mv{mv}"] = anchor_qualification(aug, mv)
     print(
         f"{config_path}: share of (image, class) pairs with more than max_views (mv) pixels on the H/4 grid"

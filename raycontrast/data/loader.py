@@ -1,14 +1,18 @@
-"""``build_dataset``: the one place that turns plain data arguments into a dataset with its transform."""
+"""``build_dataset``: the one place that turns plain data arguments into a dataset with its transform;
+``dataset_from_config``: the same from a config's ``data`` section."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch.utils.data import Dataset
 
 from raycontrast.data import canvases, cityscapes
 from raycontrast.data.transforms import build_eval_transform, build_train_transform
+
+if TYPE_CHECKING:
+    from raycontrast.config import DataSection
 
 DatasetName = Literal["canvases", "cityscapes"]
 _CANVAS_ARGS = {"num_images", "height", "width", "seed", "digit_size"}
@@ -37,7 +41,8 @@ def build_dataset(
     """Dataset yielding ``(image float32 [3, H, W], label int64 [H, W])``.
 
     ``train=True``: random rescale in ``scale_range`` -> random ``crop_size`` crop (cat-max-ratio 0.75,
-    ignore padding) -> horizontal flip (if ``hflip``) -> photometric distortion -> normalise; otherwise full size, normalise only.
+    ignore padding) -> horizontal flip (if ``hflip``) -> photometric distortion -> normalise; otherwise full
+    size, normalise only.
     For canvases ``root`` is the cache folder (None: no cache) and ``canvas_args`` holds
     ``CanvasDataset`` keyword arguments (num_images, height, width, seed, digit_size).
     """
@@ -59,3 +64,29 @@ def build_dataset(
     if root is None:
         raise ValueError("dataset 'cityscapes' needs root: the folder holding leftImg8bit/ and gtFine/")
     return cityscapes.CityscapesDataset(root, split, transform=transform)
+
+
+def dataset_from_config(data: DataSection, split: str, *, train: bool) -> Dataset:
+    """``build_dataset`` for ``split`` with every setting of a config's ``data`` section (for canvases: the
+    split's image count from ``data.canvases``, its size, seed and digit size; the cache under ``data.root``)."""
+    args = None
+    if data.dataset == "canvases":
+        c = data.canvases
+        n = c.train_images if split == "train" else c.val_images
+        args = {
+            "num_images": n,
+            "height": c.height,
+            "width": c.width,
+            "seed": c.seed,
+            "digit_size": c.digit_size,
+        }
+    return build_dataset(
+        data.dataset,
+        split,
+        root=data.root,
+        crop_size=data.crop_size,
+        scale_range=data.scale_range,
+        train=train,
+        hflip=data.hflip,
+        canvas_args=args,
+    )
