@@ -15,7 +15,6 @@ value 0.42 of the importance, fANOVA 0.73).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import posixpath
@@ -27,15 +26,20 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 import yaml
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
 
-from raycontrast.results import load_results, resolve_path, trial_config, write_bytes_atomic
+from raycontrast.plots import (
+    FINISHED,
+    column_values,
+    plot_class_iou,
+    plot_curves,
+    plot_history,
+    plot_params,
+    value_kind,
+)
+from raycontrast.results import load_results, trial_config
+from raycontrast.storage import is_uri, locate, shown_path, write_atomic
 
-__all__ = ["AnalysisReport", "analyze", "param_importance"]
-
-FINISHED = ("TERMINATED", "STOPPED_EARLY")
+__all__ = ["AnalysisReport", "analyze", "param_importance", "rank_trials", "startup_overhead"]
 
 
 @dataclass
@@ -51,6 +55,9 @@ class AnalysisReport:
     importance: dict[str, float] | None  # searched key -> share (sums to 1); None when unavailable
     importance_note: str
     paths: dict[str, str] = field(default_factory=dict)
+    commands: dict[str, str] = field(
+        default_factory=dict
+    )  # "retrain", "eval", "predict", "export" -> a command
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -64,29 +71,9 @@ def _searched(trials: pd.DataFrame) -> list[str]:
     return sorted(k for k in keys if k in trials.columns)
 
 
-def _values(col: pd.Series) -> list[Any]:
-    """Python scalars of a column, missing values as None."""
-    out = []
-    for v in col.tolist():
-        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
-            out.append(None)
-        else:
-            out.append(v.item() if hasattr(v, "item") else v)
-    return out
-
-
-def _kind(values: list[Any]) -> str:
-    """'log' / 'float' / 'int' / 'cat' for a searched column (log: all > 0 and spanning more than 10x)."""
-    vals = [v for v in values if v is not None]
-    if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        return "int"
-    if vals and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
-        return "log" if min(vals) > 0 and max(vals) > 10 * min(vals) else "float"
-    return "cat"
-
-
-def _ranked(trials: pd.DataFrame) -> pd.DataFrame:
-    """Finished trials with a val mIoU, best first; ties keep start order (earlier first)."""
+def rank_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The one "best trial" rule, shared by `analyze` and the search summary: finished trials
+    (TERMINATED / STOPPED_EARLY) with a val mIoU, by best val mIoU, best first; ties keep table order."""
     done = trials[trials["status"].isin(FINISHED) & trials["best_val_miou"].notna()]
     return done.sort_values("best_val_miou", ascending=False, kind="stable")
 
@@ -131,7 +118,7 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    done = _ranked(trials)
+    done = rank_trials(trials)
     if len(done) < 2:
         return (
             None,
@@ -141,12 +128,12 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
         return None, "importance unavailable: every finished trial reached the same val mIoU"
     dists, constant = {}, []
     for key in _searched(trials):
-        vals = _values(done[key])
+        vals = column_values(done[key])
         present = [v for v in vals if v is not None]
         if len({repr(v) for v in present}) < 2:
             constant.append(key)
             continue
-        kind = _kind(vals)
+        kind = value_kind(vals)
         if kind == "int":
             dists[key] = IntDistribution(min(present), max(present))
         elif kind in ("log", "float"):
@@ -160,7 +147,7 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
     try:
         study = optuna.create_study(direction="maximize")
         for _, row in done.iterrows():
-            params = {k: _values(pd.Series([row[k]]))[0] for k in dists}
+            params = {k: column_values(pd.Series([row[k]]))[0] for k in dists}
             params = {
                 k: float(v) if isinstance(dists[k], FloatDistribution) else v for k, v in params.items()
             }
@@ -186,101 +173,6 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
     return {k: float(v) for k, v in imp.items()}, note
 
 
-# --------------------------------------------------------------------------------------------- plots
-
-_COLORS = {"TERMINATED": "tab:blue", "STOPPED_EARLY": "tab:orange", "ERROR": "tab:red", "RUNNING": "tab:gray"}
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)  # Figure.savefig renders with Agg; no pyplot, no display
-    return buf.getvalue()
-
-
-def _plot_history(trials: pd.DataFrame) -> bytes:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    x = np.arange(1, len(trials) + 1)
-    y = trials["best_val_miou"].to_numpy(dtype=float, na_value=np.nan)
-    for status, color in _COLORS.items():
-        m = (trials["status"] == status).to_numpy()
-        if m.any():
-            ax.scatter(x[m], np.nan_to_num(y[m], nan=0.0), c=color, label=status, zorder=3)
-    done = (trials["status"].isin(FINISHED) & trials["best_val_miou"].notna()).to_numpy()
-    running = np.fmax.accumulate(np.where(done, y, -np.inf))
-    ax.step(x, np.where(np.isfinite(running), running, np.nan), where="post", c="k", label="running best")
-    ax.set(xlabel="trial (start order)", ylabel="best val mIoU", title="Optimisation history")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def _plot_params(trials: pd.DataFrame, keys: list[str]) -> bytes:
-    n = len(keys)
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(4 * cols, 3.2 * rows))
-    y = trials["best_val_miou"].to_numpy(dtype=float, na_value=np.nan)
-    colors = [_COLORS.get(s, "tab:gray") for s in trials["status"]]
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        vals = _values(trials[key])
-        kind = _kind(vals)
-        if kind == "cat":
-            cats = sorted({repr(v) for v in vals})
-            xs = [cats.index(repr(v)) for v in vals]
-            ax.set_xticks(range(len(cats)), [c.strip("'") for c in cats], rotation=30, fontsize=8)
-        else:
-            xs = [np.nan if v is None else float(v) for v in vals]
-            if kind == "log":
-                ax.set_xscale("log")
-        ax.scatter(xs, y, c=colors)
-        ax.set(xlabel=key, ylabel="best val mIoU")
-        ax.grid(alpha=0.3)
-    shown = [s for s in _COLORS if (trials["status"] == s).any()]
-    handles = [Line2D([], [], ls="", marker="o", c=_COLORS[s]) for s in shown]
-    fig.axes[0].legend(handles, shown, fontsize=7)
-    return _png(fig)
-
-
-def _plot_curves(curves: pd.DataFrame, ids: list[str], columns: list[tuple[str, str]], title: str) -> bytes:
-    fig = Figure(figsize=(6 * len(columns), 4))
-    for i, (col, label) in enumerate(columns):
-        ax = fig.add_subplot(1, len(columns), i + 1)
-        for tid in ids:
-            c = curves[(curves["trial_id"] == tid) & curves[col].notna()].sort_values("iteration")
-            if len(c):
-                ax.plot(c["iteration"], c[col], marker="o", ms=3, label=tid)
-        ax.set(xlabel="iteration", ylabel=label, title=f"{title}: {label}" if len(columns) > 1 else title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _png(fig)
-
-
-def _plot_class_iou(ious: pd.DataFrame, tid: str, iteration: int) -> bytes:
-    ious = ious.sort_values("class_id")
-    fig = Figure(figsize=(7, 0.3 * len(ious) + 1.5))
-    ax = fig.add_subplot()
-    vals = ious["iou"].to_numpy(dtype=float)
-    pos = np.arange(len(ious))
-    ax.barh(pos, np.nan_to_num(vals, nan=0.0), color="tab:blue")
-    ax.set_yticks(pos, ious["class_name"].fillna("").tolist(), fontsize=8)
-    for p, v in zip(pos, vals, strict=True):
-        ax.text(
-            0.005 if math.isnan(v) else v + 0.005,
-            p,
-            "absent" if math.isnan(v) else f"{v:.3f}",
-            va="center",
-            fontsize=7,
-        )
-    ax.invert_yaxis()
-    ax.set(xlim=(0, 1.1), xlabel="IoU", title=f"Per-class IoU of {tid} at iteration {iteration}")
-    return _png(fig)
-
-
 # -------------------------------------------------------------------------------------------- report
 
 
@@ -298,24 +190,33 @@ def _secs(v: float) -> str:
     return "-" if v is None or math.isnan(v) else (f"{v:.1f} s" if v < 600 else f"{v / 3600:.2f} h")
 
 
-def _overhead(trials: pd.DataFrame, curves: pd.DataFrame) -> str:
-    """Median trial start -> first report, and the part of it outside the training run's own clock."""
+def startup_overhead(trials: pd.DataFrame, curves: pd.DataFrame) -> tuple[float | None, float | None]:
+    """`(median trial start -> first report, median start-up)` in seconds, None when unknown. Start-up is
+    the part of the first report's wait outside the training run's own clock (Tune + Train actors, model,
+    data); None when the clocks disagree (a negative median)."""
     ttfr = trials.set_index("trial_id")["time_to_first_report_s"].dropna()
     if ttfr.empty:
-        return "no trial start was recorded"
+        return None, None
     first = curves.sort_values("iteration").drop_duplicates("trial_id").set_index("trial_id")["time_s"]
     startup = (ttfr - first.reindex(ttfr.index)).dropna()
-    text = f"median time from trial start to first report {_secs(float(ttfr.median()))}"
-    if len(startup) and startup.median() >= 0:  # negative: the clocks disagree, say nothing
-        text += (
-            f", of which {_secs(float(startup.median()))} before the training run's clock started (start-up)"
-        )
+    median_startup = float(startup.median()) if len(startup) and startup.median() >= 0 else None
+    return float(ttfr.median()), median_startup
+
+
+def _overhead(trials: pd.DataFrame, curves: pd.DataFrame) -> str:
+    first_report, startup = startup_overhead(trials, curves)
+    if first_report is None:
+        return "no trial start was recorded"
+    text = f"median time from trial start to first report {_secs(first_report)}"
+    if startup is not None:
+        text += f", of which {_secs(startup)} before the training run's clock started (start-up)"
     return text
 
 
 def _report_md(
     name: str, trials: pd.DataFrame, curves: pd.DataFrame, keys: list[str], top: pd.DataFrame, top_k: int,
-    importance: dict[str, float] | None, imp_note: str, plots: list[str],
+    importance: dict[str, float] | None, imp_note: str, plots: list[str], trunk_s: float = 0.0,
+    commands: dict[str, str] | None = None,
 ) -> str:  # fmt: skip
     best = top.iloc[0] if len(top) else None
     counts = trials["status"].value_counts().to_dict()
@@ -334,9 +235,12 @@ def _report_md(
             f" (last {_fmt(b['last_val_miou'])} at iteration {_fmt(b['last_iteration'])}, {b['status']})."
         )
         md += ["", "| setting | value |", "|---|---|"]
-        md += [f"| `{k}` | {_fmt(_values(pd.Series([best[k]]))[0])} |" for k in keys]
-        md += ["", "Full config: [best_config.yaml](best_config.yaml); train it with", ""]
-        md.append("    raycontrast train --config best_config.yaml")
+        md += [f"| `{k}` | {_fmt(column_values(pd.Series([best[k]]))[0])} |" for k in keys]
+        md += ["", "Full config: [best_config.yaml](best_config.yaml) (run name of its own)."]
+    if commands:
+        md += ["", "## From the search to a model", ""]
+        for key, cmd in commands.items():
+            md += [f"{_COMMAND_TITLES[key]}:", "", f"    {cmd}", ""]
     md += ["", f"## Top {top_k}", "", _top_table(top, keys) if len(top) else "No finished trials.", ""]
     md += ["## Hyperparameter importance", "", imp_note + ".", ""]
     if importance:
@@ -352,9 +256,12 @@ def _report_md(
         else float("nan")
     )
     md += ["", "## Cost", ""]
-    md.append(
-        f"- total worker-seconds: {trials['worker_seconds'].sum():.0f} ({_secs(trials['worker_seconds'].sum())})"
-    )
+    total = float(trials["worker_seconds"].sum()) + trunk_s
+    md.append(f"- total worker-seconds: {total:.0f} ({_secs(total)})")
+    if trunk_s:
+        md.append(
+            f"- of which the shared warm-up, trained once for every trial: {trunk_s:.0f} worker-seconds"
+        )
     md.append(
         f"- summed trial wall time: {_secs(trials['wall_time_s'].sum())}; first start to last end: {_secs(span)}"
     )
@@ -375,22 +282,23 @@ def analyze(
     Outputs go to `out_dir` (default `<experiment>/analysis/`; a plain path is taken on the same filesystem
     as the tables, a URI on its own). Each file is written atomically.
     """
-    fs, p = resolve_path(path, filesystem)
+    fs, p = locate(path, filesystem)
     tables = load_results(p, filesystem=fs)
     exp_dir = posixpath.dirname(p) if posixpath.basename(p) == "tables" else p
     if out_dir is None:
         out_fs, out = fs, posixpath.join(exp_dir, "analysis")
-    elif "://" in os.fspath(out_dir) or filesystem is None:
-        out_fs, out = resolve_path(out_dir)
+    elif is_uri(os.fspath(out_dir)) or filesystem is None:
+        out_fs, out = locate(out_dir)
     else:
         out_fs, out = fs, os.fspath(out_dir)
+    trunk_s = float(tables["trunk"]["worker_seconds"].sum()) if len(tables["trunk"]) else 0.0
     trials = (
         tables["trials"].sort_values("started_at", kind="stable", na_position="last").reset_index(drop=True)
     )
     trials.attrs = tables["trials"].attrs
     curves, class_iou = tables["curves"], tables["class_iou"]
     keys = _searched(trials)
-    ranked = _ranked(trials)
+    ranked = rank_trials(trials)
     top = ranked.head(top_k)
     best = ranked.iloc[0] if len(ranked) else None
     name = posixpath.basename(exp_dir.rstrip("/"))
@@ -398,7 +306,7 @@ def analyze(
 
     def put(fname: str, data: bytes | str, key: str) -> None:
         target = posixpath.join(out, fname)
-        write_bytes_atomic(out_fs, target, data.encode() if isinstance(data, str) else data)
+        write_atomic(out_fs, target, data.encode() if isinstance(data, str) else data)
         paths[key] = target
 
     best_nested: dict[str, Any] = {}
@@ -406,32 +314,43 @@ def analyze(
         bid, biter = str(best["trial_id"]), int(best["iteration_of_best"])
         miou = best["best_val_miou"]
         header = f"# best trial {bid} of search '{name}': val mIoU {miou:.4f} at iteration {biter}\n"
-        best_nested, text = _config_yaml(trial_config(trials, bid), header)
+        flat = trial_config(trials, bid)
+        flat["run.name"] = (
+            f"{flat.get('run.name') or name}-best"  # a run of its own: the search's name is taken
+        )
+        best_nested, text = _config_yaml(flat, header)
         put("best_config.yaml", text, "best_config")
     importance, imp_note = param_importance(trials)
 
     top_ids = top["trial_id"].astype(str).tolist()
     if len(trials):
-        put("history.png", _plot_history(trials), "history")
+        put("history.png", plot_history(trials), "history")
     if keys:
-        put("params.png", _plot_params(trials, keys), "params")
+        put("params.png", plot_params(trials, keys), "params")
     if top_ids and curves["val_miou"].notna().any():
         put(
             "curves.png",
-            _plot_curves(curves, top_ids, [("val_miou", "val mIoU")], "Learning curves"),
+            plot_curves(curves, top_ids, [("val_miou", "val mIoU")], "Learning curves"),
             "curves",
         )
     if top_ids and curves[["ce_loss", "contrast_loss"]].notna().any().any():
         loss_cols = [("ce_loss", "CE loss"), ("contrast_loss", "contrast loss")]
-        put("losses.png", _plot_curves(curves, top_ids, loss_cols, "Training loss"), "losses")
+        put("losses.png", plot_curves(curves, top_ids, loss_cols, "Training loss"), "losses")
     if best is not None:
         sel = class_iou[(class_iou["trial_id"] == bid) & (class_iou["iteration"] == biter)]
         if len(sel):
-            put("class_iou.png", _plot_class_iou(sel, bid, biter), "class_iou")
+            put("class_iou.png", plot_class_iou(sel, bid, biter), "class_iou")
 
     plots = [posixpath.basename(v) for v in paths.values() if v.endswith(".png")]
+    commands = (
+        model_commands(shown_path(fs, exp_dir), shown_path(out_fs, out), name, trials)
+        if best is not None
+        else {}
+    )
     put(
-        "report.md", _report_md(name, trials, curves, keys, top, top_k, importance, imp_note, plots), "report"
+        "report.md",
+        _report_md(name, trials, curves, keys, top, top_k, importance, imp_note, plots, trunk_s, commands),
+        "report",
     )
 
     return AnalysisReport(
@@ -444,4 +363,27 @@ def analyze(
         importance=importance,
         importance_note=imp_note,
         paths=paths,
+        commands=commands,
     )
+
+
+_COMMAND_TITLES = {
+    "retrain": "Train the best config from scratch (a run of its own, `<name>-best`)",
+    "eval": "Evaluate the best checkpoint with multi-scale + flip test-time augmentation",
+    "predict": "Predict: trainId, colour and overlay PNGs",
+    "export": "Export the inference weights with their config",
+}
+
+
+def model_commands(exp: str, out: str, name: str, trials: pd.DataFrame) -> dict[str, str]:
+    """The commands that take the search's best model onwards, with this experiment's paths; the report
+    prints them and a slow test runs each one."""
+    s3 = " --s3-endpoint HOST:PORT" if exp.startswith("s3://") else ""
+    dataset = trials["data.dataset"].iloc[0] if "data.dataset" in trials else None
+    images = "--split val --limit 4" if dataset == "canvases" else "IMAGES_OR_FOLDERS"
+    return {
+        "retrain": f"raycontrast train --config {posixpath.join(out, 'best_config.yaml')}",
+        "eval": f"raycontrast eval {exp} --scales 0.5 0.75 1.0 1.25 1.5 1.75 --flip{s3}",
+        "predict": f"raycontrast predict {exp} {images} --out {posixpath.join(out, 'predictions')}{s3}",
+        "export": f"raycontrast export {exp} --out {posixpath.join(out, name + '-best.safetensors')}{s3}",
+    }

@@ -1,105 +1,106 @@
-"""What a run needs to stop and continue exactly: checkpoint files on storage, RNG states, a resumable data
-order, and the in-process session (no Ray; pyarrow filesystems, so local, NFS and S3 storage alike).
+"""What a run saves to continue exactly, and how it finds the checkpoint to continue from (no Ray).
 
-Checkpoint layout: `<run_path>/checkpoint_<name>/state.pt`, one `torch.save`d dict (tensors and plain
-values only, so it loads with `weights_only=True`). `state.pt` is written under a temporary name and
-renamed, so a killed writer leaves no partial `state.pt`; a checkpoint damaged anyway (a truncated copy,
-a half-finished upload, a disk error) fails to load and `load_latest` falls back to the newest complete one.
-Directory names sort by age: Ray Train names them by timestamp, the local session by zero-padded iteration.
+`TrainState` is the checkpointed record: its fields are the keys of the file, named here once. A
+checkpoint is `<run_path>/checkpoint_<name>/state.pt`, one `torch.save`d dict of tensors and plain values
+(it loads with `weights_only=True`), streamed straight to storage under a temporary name and renamed
+(`storage.write_atomic`), and read back without a whole-file copy (memory-mapped on local disks, streamed
+from object stores). Directory names sort by age: they start with the zero-padded iteration (`checkpoint_<iteration>` in
+local runs, `checkpoint_<iteration>_<UTC time>` under Ray Train), so the newest one never depends on clocks.
 
-Determinism of the data order: `ShardSampler` shards like `DistributedSampler(shuffle=True, drop_last=True)`
-(a function of seed and epoch) and can skip the batches already trained on; `SeededItems` seeds each
-sample's augmentation from (seed, epoch, index). With the RNG states saved here, a run resumed at iteration
-k replays iterations k+1.. exactly as an uninterrupted run.
+Reading tells two failures apart. A file that is missing, cut short or not one of ours is *damaged*
+(`DamagedCheckpointError`): `load_latest` skips it and falls back to the next older one. An I/O error of the
+storage (an S3 503, an NFS EIO) is *transient*: it is retried with backoff and, if it persists, raised as
+`CheckpointReadError` naming the file, never mistaken for damage (which would silently lose work).
 """
 
 from __future__ import annotations
 
 import io
 import math
-import os
 import posixpath
 import random
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
 import torch
-from torch.utils.data import Dataset, DistributedSampler
 
-from raycontrast.results import write_bytes_atomic
+from raycontrast.storage import write_atomic
 
 __all__ = [
     "STATE_FILE",
+    "CheckpointReadError",
+    "DamagedCheckpointError",
     "Loaded",
-    "LocalSession",
-    "SeededItems",
-    "ShardSampler",
+    "TrainState",
+    "best_checkpoint",
+    "checkpoint_iteration",
     "capture_rng_state",
-    "filesystem_for",
     "list_checkpoints",
     "load_latest",
     "load_state",
     "restore_rng_state",
+    "retain_checkpoints",
     "save_state",
-    "state_bytes",
-    "step_seed",
-    "storage_location",
 ]
 
 STATE_FILE = "state.pt"
-# Keys every checkpoint written by the training loop carries; a dict without them is not one of ours.
-_REQUIRED = ("model", "optimizer", "scheduler", "iteration", "rng")
+READ_ATTEMPTS = 5  # transient read errors: tries before giving up ...
+READ_BACKOFF_S = 0.5  # ... waiting 0.5, 1, 2, 4 s in between (7.5 s in all)
 
 
-# ------------------------------------------------------------------------------------- determinism
+@dataclass
+class TrainState:
+    """Everything the training loop needs to continue a run exactly, as saved at an evaluation.
 
-
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. seed, rank, iteration) with NumPy's SeedSequence."""
-    a, b = np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(a) << 31) ^ int(b)
-
-
-class ShardSampler(DistributedSampler):
-    """`DistributedSampler(shuffle=True, drop_last=True)` that yields `(epoch, index)` and can skip.
-
-    The order depends only on (seed, epoch); `skip` drops that many leading samples of this rank's shard
-    (batches already trained on before a resume). The epoch travels with the index so that
-    `SeededItems` can seed each sample's augmentation, also inside DataLoader worker processes.
+    model / optimizer / scheduler / scaler: their `state_dict()`s; memory: `PixelMemory.state_dict()`;
+    rng: `capture_rng_state()`; iteration: steps done; config: the run's config (JSON form);
+    elapsed_s / worker_seconds: the run's clock and cost so far; best_val_miou / best_iteration: the best
+    evaluation so far; metrics: the last report (repeated when a finished run is resumed); window: the
+    statistics of the evaluation window it was written in, when not at an evaluation (`WindowMeter.state`).
     """
 
-    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int) -> None:
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.skip = 0
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    iteration: int
+    rng: dict[str, Any]
+    scaler: dict[str, Any] | None = None
+    memory: dict[str, torch.Tensor] | None = None
+    config: dict[str, Any] | None = None
+    elapsed_s: float = 0.0
+    worker_seconds: float = 0.0
+    best_val_miou: float = -math.inf
+    best_iteration: int = 0
+    metrics: dict[str, Any] | None = None
+    window: dict[str, Any] | None = None  # the unfinished window's statistics (between evaluations)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())[self.skip :]
-        return iter([(self.epoch, i) for i in indices])
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The dict that goes into `state.pt` (values as they are: no copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.skip)
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> TrainState:
+        """Inverse of `to_checkpoint`; keys of other versions are ignored, missing optional ones defaulted."""
+        return cls(**{f.name: state[f.name] for f in fields(cls) if f.name in state})
 
 
-class SeededItems(Dataset):
-    """Wraps a dataset whose transforms draw from torch's global RNG: item `(epoch, i)` is drawn with that
-    RNG seeded from (seed, epoch, i), so augmentations do not depend on rank, loader workers or resumes."""
+# Keys every checkpoint of the training loop carries; a dict without them is not one of ours.
+REQUIRED = tuple(f.name for f in fields(TrainState) if f.default is MISSING)
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset, self.seed = dataset, seed
 
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or not a training checkpoint (message names it)."""
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(step_seed(self.seed, epoch, index))
-            return self.dataset[index]
+
+class CheckpointReadError(OSError):
+    """Storage kept failing while reading a checkpoint (transient errors retried; message names the file)."""
+
+
+# ------------------------------------------------------------------------------------------- RNG states
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -131,68 +132,72 @@ def restore_rng_state(s: Mapping[str, Any]) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
 
 
-# ------------------------------------------------------------------------------------------ storage
-
-
-def storage_location(
-    storage_path: str, *, s3_endpoint: str | None = None, s3_scheme: str = "https"
-) -> tuple[str, pafs.FileSystem | None]:
-    """`(storage path for Ray, pyarrow filesystem or None)`.
-
-    `s3://bucket/prefix` -> `("bucket/prefix", S3FileSystem(endpoint_override=s3_endpoint, scheme=s3_scheme))`
-    (credentials from the usual AWS environment variables); other URIs pass through for Ray to resolve; a
-    local path becomes absolute (Ray workers do not share the driver's cwd).
-    """
-    if storage_path.startswith("s3://"):
-        kwargs = {"endpoint_override": s3_endpoint} if s3_endpoint else {}
-        return storage_path[len("s3://") :].rstrip("/"), pafs.S3FileSystem(scheme=s3_scheme, **kwargs)
-    if "://" in storage_path:
-        return storage_path.rstrip("/"), None
-    return os.path.abspath(os.path.expanduser(storage_path)), None
-
-
-def filesystem_for(storage: str, fs: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    """`(filesystem, path on it)` for a `resolve_storage` result."""
-    if fs is not None:
-        return fs, storage
-    if "://" in storage:
-        return pafs.FileSystem.from_uri(storage)
-    return pafs.LocalFileSystem(), storage
-
-
-# ---------------------------------------------------------------------------------- checkpoint files
-
-
-def state_bytes(state: Mapping[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(dict(state), buf)
-    return buf.getvalue()
+# ------------------------------------------------------------------------------------ checkpoint files
 
 
 def save_state(fs: pafs.FileSystem, ckpt_dir: str, state: Mapping[str, Any]) -> str:
-    """Write `state` to `<ckpt_dir>/state.pt` atomically (temp name + rename; one upload on object
-    stores); creates `ckpt_dir`. Returns the file's path."""
+    """Stream `state` to `<ckpt_dir>/state.pt` atomically (no serialised copy in host RAM); creates
+    `ckpt_dir`. Returns the file's path."""
     path = posixpath.join(ckpt_dir, STATE_FILE)
     fs.create_dir(ckpt_dir, recursive=True)
-    write_bytes_atomic(fs, path, state_bytes(state))
+    write_atomic(fs, path, lambda f: torch.save(dict(state), f))
     return path
 
 
-def load_state(fs: pafs.FileSystem, ckpt_dir: str) -> dict[str, Any]:
-    """`<ckpt_dir>/state.pt` as a dict (on CPU). Raises `ValueError` naming the file when it is missing,
-    truncated, corrupt, or not a training checkpoint."""
+def _decode(fs: pafs.FileSystem, path: str) -> Any:
+    if fs.type_name == "local":  # memory-mapped: tensors page in from the file (shared by a node's ranks)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with fs.open_input_file(path) as f:  # random access: the zip reader fetches records as it needs them
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _damaged(path: str, e: BaseException) -> DamagedCheckpointError:
+    return DamagedCheckpointError(
+        f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {str(e)[:200]})"
+    )
+
+
+def load_state(
+    fs: pafs.FileSystem, ckpt_dir: str, *, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, Any]:
+    """`<ckpt_dir>/state.pt` as a dict (tensors on CPU).
+
+    Raises `DamagedCheckpointError` when it is missing, truncated, corrupt or not a training checkpoint,
+    and `CheckpointReadError` when the storage still fails after `READ_ATTEMPTS` tries. torch's reader
+    reports some cut-short files as OSError too, so an OSError is settled by reading the raw bytes: if the
+    storage delivers them, the bytes are to blame; if not, the storage is, and the read is retried.
+    """
     path = posixpath.join(ckpt_dir, STATE_FILE)
-    try:
-        with fs.open_input_file(path) as f:
-            data = f.read()
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except FileNotFoundError as e:
-        raise ValueError(f"checkpoint {path} is missing ({e})") from e
-    except Exception as e:  # torch reports truncation and bad bytes as RuntimeError, EOFError, pickle errors
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt ({type(e).__name__}: {e})") from e
-    missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            state = _decode(fs, path)
+            break
+        except FileNotFoundError as e:
+            raise DamagedCheckpointError(f"checkpoint {path} is missing ({e})") from e
+        except OSError:
+            try:
+                with fs.open_input_stream(path) as f:
+                    data = f.read()
+            except FileNotFoundError as e:
+                raise DamagedCheckpointError(f"checkpoint {path} is missing ({e})") from e
+            except OSError as e:  # the storage, not the bytes: try again
+                if attempt + 1 == READ_ATTEMPTS:
+                    raise CheckpointReadError(
+                        f"checkpoint {path} could not be read after {READ_ATTEMPTS} attempts "
+                        f"({type(e).__name__}: {e}); check the storage and resume again"
+                    ) from e
+                sleep(READ_BACKOFF_S * 2**attempt)
+                continue
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                break
+            except Exception as e:
+                raise _damaged(path, e) from e
+        except Exception as e:  # torch reports truncation and bad bytes as RuntimeError, pickle errors
+            raise _damaged(path, e) from e
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} is incomplete or corrupt (no {', '.join(missing)})")
+        raise DamagedCheckpointError(f"checkpoint {path} is incomplete or corrupt (no {', '.join(missing)})")
     return state
 
 
@@ -220,79 +225,46 @@ class Loaded:
         return "\n".join(f"{reason}; {instead}" for _, reason in self.skipped)
 
 
-def load_latest(fs: pafs.FileSystem, run_path: str, preferred: str | None = None) -> Loaded:
-    """The newest complete checkpoint of the run at `run_path`.
-
-    `preferred` (e.g. the checkpoint Ray Train registered last) is tried first; then every `checkpoint_*`
-    directory, newest first. Unreadable ones are skipped and listed in `Loaded.skipped`. `Loaded.state` is
-    None when there is no complete checkpoint at all.
-    """
-    candidates = list(reversed(list_checkpoints(fs, run_path)))
-    if preferred is not None:
-        preferred = preferred.rstrip("/")
-        candidates = [preferred] + [c for c in candidates if c.rstrip("/") != preferred]
+def load_latest(fs: pafs.FileSystem, run_path: str, **load_kwargs: Any) -> Loaded:
+    """The newest complete checkpoint of the run at `run_path`: every `checkpoint_*` directory, newest
+    first. Damaged ones are skipped and listed in `Loaded.skipped`; `Loaded.state` is None when none is
+    complete. A persistent storage error is raised (`CheckpointReadError`), never skipped."""
     out = Loaded(None, None)
-    for ckpt in candidates:
+    for ckpt in reversed(list_checkpoints(fs, run_path)):
         try:
-            out.state, out.path = load_state(fs, ckpt), ckpt
+            out.state, out.path = load_state(fs, ckpt, **load_kwargs), ckpt
             return out
-        except ValueError as e:
+        except DamagedCheckpointError as e:
             out.skipped.append((ckpt, str(e)))
     return out
 
 
-# ---------------------------------------------------------------------------------- local session
+def checkpoint_iteration(path: str) -> int:
+    """The iteration a checkpoint directory's name starts with (`checkpoint_<iteration>[_...]`), else -1."""
+    part = posixpath.basename(path.rstrip("/")).split("_")
+    return int(part[1]) if len(part) > 1 and part[0] == "checkpoint" and part[1].isdigit() else -1
 
 
-class LocalSession:
-    """`train.workers: 0`: the loop's one in-process rank, without Ray.
+def best_checkpoint(paths: list[str], scores: Mapping[int, float]) -> str | None:
+    """Of checkpoint directories, the one whose iteration scored the highest val mIoU in `scores`
+    (iteration -> val mIoU; NaN and unscored ones never win); ties go to the earliest iteration."""
+    scored = [
+        (scores[i], -i, p)
+        for p in paths
+        if (i := checkpoint_iteration(p)) in scores and scores[i] == scores[i]
+    ]
+    return max(scored)[2] if scored else None
 
-    Checkpoints go to `<run_path>/checkpoint_<iteration>/` on `fs` (atomically); the best `num_to_keep`
-    by val mIoU plus the latest are kept; `load_checkpoint` resumes from the newest complete one.
-    `log` receives the line saying which damaged checkpoints were skipped.
-    """
 
-    def __init__(
-        self,
-        run_path: str,
-        fs: pafs.FileSystem,
-        *,
-        num_to_keep: int,
-        use_gpu: bool = False,
-        log: Callable[[str], None] = print,
-    ) -> None:
-        self.rank, self.world = 0, 1
-        if use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("train.use_gpu=true but torch sees no CUDA device; set train.use_gpu=false")
-        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-        self.run_path, self.fs, self.num_to_keep, self.log = run_path, fs, num_to_keep, log
-        self.fs.create_dir(run_path)
-        self.scores: dict[str, float] = {}  # checkpoint dir -> val mIoU
-        self.last_metrics: dict[str, Any] | None = None
-
-    def checkpoints(self) -> list[str]:
-        return list_checkpoints(self.fs, self.run_path)
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model.to(self.device)
-
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        loaded = load_latest(self.fs, self.run_path)
-        if (msg := loaded.describe()) is not None:
-            self.log(msg)
-        return loaded.state
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        self.last_metrics = metrics
-        if state is None:
-            return
-        path = f"{self.run_path}/checkpoint_{metrics['iteration']:08d}"
-        save_state(self.fs, path, state)
-        score = metrics["val_miou"]
-        self.scores[path] = -math.inf if math.isnan(score) else score
-        latest = self.checkpoints()[-1]
-        ranked = sorted(self.scores, key=lambda p: self.scores[p], reverse=True)
-        for old in ranked[self.num_to_keep :]:
-            if old != latest:
-                self.fs.delete_dir(old)
-                del self.scores[old]
+def retain_checkpoints(
+    fs: pafs.FileSystem, run_path: str, scores: Mapping[int, float], keep: str
+) -> str | None:
+    """At the end of a run: keep `"all"` its checkpoints, only the `"best"` one (`best_checkpoint`), or
+    `"none"`. Returns the kept best checkpoint (None when none is kept)."""
+    found = list_checkpoints(fs, run_path)
+    best = best_checkpoint(found, scores) if keep != "none" else None
+    if keep != "all":
+        for path in found:
+            if path != best:
+                fs.delete_dir(path)
+    return best

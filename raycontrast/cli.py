@@ -1,4 +1,4 @@
-"""`raycontrast train|tune|analyze|check-data`: the command-line entry point.
+"""`raycontrast train|tune|analyze|check-data|eval|predict|export`: the command-line entry point.
 
 Configs are loaded and validated here, and `raycontrast.preflight` checks the data, weights, storage and
 local resources they point at, before anything imports Ray: a wrong key, value or file fails in seconds with
@@ -13,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from raycontrast import preflight
-from raycontrast.config import Config, ConfigError, apply_overrides, load_config, parse_overrides
+from raycontrast.config import Config, ConfigError, load_config, parse_overrides
+from raycontrast.experiment import SearchStateError
+from raycontrast.storage import absolute_paths, locate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -30,19 +32,8 @@ def _resolve_config(path: str | None, sets: Sequence[str]) -> Config:
             )
         path = str(DEFAULT_CONFIG)
     cfg = load_config(path, parse_overrides(sets))
-    return _absolute_paths(cfg)
-
-
-def _absolute_paths(cfg: Config) -> Config:
-    """Make local storage, data and weights paths absolute: Ray workers do not share the driver's cwd."""
-    fixes = {}
-    if "://" not in cfg.run.storage_path:
-        fixes["run.storage_path"] = str(Path(cfg.run.storage_path).expanduser().resolve())
-    if "://" not in cfg.data.root:
-        fixes["data.root"] = str(Path(cfg.data.root).expanduser().resolve())
-    if cfg.model.pretrained:
-        fixes["model.pretrained"] = str(Path(cfg.model.pretrained).expanduser().resolve())
-    return apply_overrides(cfg, fixes) if fixes else cfg
+    preflight.check_job_storage(cfg.run.storage_path)  # before paths are made absolute
+    return absolute_paths(cfg)
 
 
 def _add_config_args(p: argparse.ArgumentParser, run_args: bool = True) -> None:
@@ -58,6 +49,14 @@ def _add_config_args(p: argparse.ArgumentParser, run_args: bool = True) -> None:
     if not run_args:
         return
     p.add_argument("--resume", action="store_true", help="continue the run/search named run.name")
+    p.add_argument(
+        "--accept",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --resume: a config key that may differ from the start (tune.num_samples, data.root, "
+        "model.pretrained), repeatable",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
 
 
@@ -76,7 +75,62 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--s3-scheme", default="https", choices=["http", "https"])
     check = sub.add_parser("check-data", help="decode every image and label of the configured data (no Ray)")
     _add_config_args(check, run_args=False)
+    _add_model_commands(sub)
     return parser
+
+
+_SOURCE_HELP = (
+    "a checkpoint folder, a Train run folder (its best checkpoint), an experiment folder (its best trial's "
+    "best checkpoint) or an exported .safetensors file; s3:// works"
+)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help=_SOURCE_HELP)
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when there is one)"
+    )
+    p.add_argument("--s3-endpoint", help="host:port of an S3-compatible store")
+    p.add_argument("--s3-scheme", default="https", choices=["http", "https"])
+
+
+def _add_tta_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--mode", choices=["whole", "slide"], help="whole image or sliding window (default: as trained)"
+    )
+    p.add_argument(
+        "--scales", type=float, nargs="+", default=[1.0], metavar="S",
+        help="test-time scales, logits averaged at full resolution (the paper: 0.5 0.75 1.0 1.25 1.5 1.75)",
+    )  # fmt: skip
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped image's logits")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the model's saved config, e.g. --set data.root=/data/cityscapes")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_model_commands(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
+    ev = sub.add_parser("eval", help="evaluate a trained model on a split (multi-scale + flip if asked)")
+    _add_source_args(ev)
+    _add_tta_args(ev)
+    ev.add_argument("--split", default="val", help="dataset split (default: val)")
+    ev.add_argument("--out", help="per-class IoU Parquet file (default: next to the checkpoint)")
+    ev.add_argument(
+        "--workers", type=int, default=0,
+        help="evaluate N shards in parallel as Ray tasks (1 GPU each with --device cuda; 0: in this process)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--address", help="with --workers: Ray cluster address (default: RAY_ADDRESS, else local)"
+    )
+    pr = sub.add_parser("predict", help="segment images: trainId, colour and overlay PNGs (+ labelIds)")
+    _add_source_args(pr)
+    pr.add_argument("inputs", nargs="*", help="image files or folders (or use --split)")
+    _add_tta_args(pr)
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--split", help="predict this split of the model's own dataset instead of INPUTS")
+    pr.add_argument("--limit", type=int, help="with --split: only its first N images")
+    ex = sub.add_parser("export", help="inference weights + config as one .safetensors file")
+    _add_source_args(ex)
+    ex.add_argument("--out", required=True, help="the .safetensors file to write")
 
 
 def _run_analyze(path: str, out: str | None, top_k: int, filesystem=None) -> None:  # noqa: ANN001
@@ -95,12 +149,81 @@ def _run_analyze(path: str, out: str | None, top_k: int, filesystem=None) -> Non
     print("\n".join(lines), flush=True)
 
 
+def _s3(args: argparse.Namespace) -> dict[str, str | None]:
+    return {"s3_endpoint": args.s3_endpoint, "s3_scheme": args.s3_scheme}
+
+
+def _load_model(args: argparse.Namespace):  # noqa: ANN202 - a TrainedModel
+    import torch
+
+    from raycontrast.config import apply_overrides
+    from raycontrast.inference import load_model
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    fs, path = locate(args.source, **_s3(args))
+    try:
+        model = load_model(fs, path, device=device)
+    except ValueError as e:  # a damaged checkpoint or a file of another kind: named in the message
+        raise UserError(str(e)) from None
+    sets = parse_overrides(getattr(args, "sets", []))
+    if sets:
+        model.config = absolute_paths(apply_overrides(model.config, sets))
+    saved = f"val mIoU {model.val_miou:.4f}" if model.val_miou is not None else "saved between evaluations"
+    where = f" (iteration {model.iteration}, {saved})" if model.iteration is not None else ""
+    print(f"model: {model.source}{where}", flush=True)
+    return fs, model
+
+
+def _run_model_command(args: argparse.Namespace) -> int:
+    fs, model = _load_model(args)
+    if args.command == "export":
+        from raycontrast.inference import export_model
+
+        if not args.out.endswith(".safetensors"):
+            raise UserError(f"export --out {args.out}: the file must end in .safetensors")
+        out_fs, out = locate(args.out, **_s3(args))
+        size = export_model(model, out_fs, out)
+        print(f"exported {size / 2**20:.1f} MiB of inference weights to {out}", flush=True)
+        return 0
+    tta = {"mode": args.mode, "scales": args.scales, "flip": args.flip}
+    if args.command == "eval":
+        from raycontrast.evaluation import evaluate_model, write_eval
+
+        if args.workers > 0:
+            from raycontrast.remote_eval import evaluate_on_ray
+
+            print(f"evaluating {args.split} in {args.workers} shards on Ray", flush=True)
+            result = evaluate_on_ray(
+                fs, model.source, args.workers, sets=parse_overrides(args.sets), address=args.address,
+                use_gpu=next(model.net.parameters()).device.type == "cuda", split=args.split, **tta,
+            )  # fmt: skip
+        else:
+            result = evaluate_model(model, split=args.split, progress=not args.no_progress, **tta)
+        out_fs, out = (fs, None) if args.out is None else locate(args.out, **_s3(args))
+        written = write_eval(result, out_fs, out)
+        print(result.describe() + f"\nper-class IoU table: {written}", flush=True)
+        return 0
+    from raycontrast.predict import predict
+
+    if not args.inputs and args.split is None:
+        raise UserError("predict: give image files or folders, or --split SPLIT")
+    summary = predict(
+        model, args.inputs, args.out, split=args.split, limit=args.limit, progress=not args.no_progress, **tta
+    )
+    print(f"predicted {len(summary.written)} image(s) into {summary.out_dir}", flush=True)
+    for _, why in summary.failed:
+        print(f"  failed: {why}", file=sys.stderr)
+    if summary.failed:
+        print(f"raycontrast: {len(summary.failed)} image(s) could not be read (above)", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("eval", "predict", "export"):
+        return _run_model_command(args)
     if args.command == "analyze":
-        from raycontrast.checkpoint import storage_location
-
-        path, fs = storage_location(args.path, s3_endpoint=args.s3_endpoint, s3_scheme=args.s3_scheme)
+        fs, path = locate(args.path, s3_endpoint=args.s3_endpoint, s3_scheme=args.s3_scheme)
         _run_analyze(path, args.out, args.top_k, fs)
         return 0
     cfg = _resolve_config(args.config, args.sets)
@@ -114,16 +237,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         from raycontrast.train import fit
 
-        fit(cfg, resume=args.resume, address=args.address)
+        fit(cfg, resume=args.resume, address=args.address, accept=args.accept)
         return 0
     from raycontrast.tune import run_search
 
-    outcome = run_search(cfg, resume=args.resume, address=args.address)
+    outcome = run_search(cfg, resume=args.resume, address=args.address, accept=args.accept)
     if not args.no_analyze and outcome.num_finished > 0:
-        from raycontrast.train import resolve_storage
-
-        root, fs = resolve_storage(cfg)
-        _run_analyze(f"{root}/{cfg.run.name}", None, 5, fs)
+        _run_analyze(outcome.experiment_path, None, 5, outcome.filesystem)
     return 0
 
 
@@ -131,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: user errors print one clear message and exit 2, never a traceback."""
     try:
         code = run(argv)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError, FileNotFoundError, SearchStateError) as exc:
         print(f"raycontrast: error: {exc}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -17,10 +17,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raycontrast.data.info import dataset_info
+
 __all__ = [
     "Config",
     "ConfigError",
     "apply_overrides",
+    "check_key",
     "flatten",
     "known_keys",
     "load_config",
@@ -29,7 +32,11 @@ __all__ = [
 ]
 
 MIN_TEMPERATURE = 0.026  # 1/39: see LossSection._float32_safe
-NUM_CLASSES = {"canvases": 13, "cityscapes": 19}  # canvases: 10 digits + 3 textures; Cityscapes: 19 train ids
+# Keys of earlier versions, with what to do instead (a plain "unknown key" would leave the user guessing).
+REMOVED_KEYS = {
+    "loss.ignore_index": "the ignore label is a fact of the dataset (255 for canvases and cityscapes, "
+    "raycontrast.data.info), not a loss setting; delete the key",
+}
 
 
 class ConfigError(ValueError):
@@ -52,6 +59,9 @@ class RunSection(_Section):
     s3_endpoint: str | None = None  # host:port of an S3-compatible store (MinIO, Ceph); None = AWS
     s3_scheme: Literal["http", "https"] = "https"  # plain http only for loopback / private test stores
     seed: int = 0  # seeds data order, sampling and Optuna
+    # A driver's lease on its run / experiment is taken over after this long without a heartbeat (written
+    # every quarter of it); longer than a storage outage the driver should survive, and than clock skew.
+    lease_timeout_s: float = Field(120.0, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -102,7 +112,7 @@ class DataSection(_Section):
 
     @property
     def num_classes(self) -> int:
-        return NUM_CLASSES[self.dataset]
+        return dataset_info(self.dataset).num_classes
 
 
 class ModelSection(_Section):
@@ -120,7 +130,6 @@ class LossSection(_Section):
     max_views: int = Field(100, ge=1)  # ALGORITHM.md s6: 100 views per class
     weight: float = Field(0.1, ge=0)  # ALGORITHM.md s6: loss_weight 0.1
     warmup_iters: int = Field(5000, ge=0)  # ALGORITHM.md s6: official hard switch at 5000 of 40k
-    ignore_index: int = 255  # Cityscapes ignore label
     class_weights: tuple[float, ...] | None = None  # optional CE class weights, one per class
 
     @field_validator("temperature")
@@ -170,6 +179,12 @@ class TrainSection(_Section):
     num_to_keep: int = Field(2, ge=1)  # checkpoints kept, best by val mIoU
     max_nonfinite_steps: int = Field(3, ge=1)  # consecutive non-finite losses before the run fails
     threads_per_worker: int | None = Field(None, ge=1)  # torch intra-op threads; None = cpus_per_worker
+    # Where a run's workers go: auto = on one node when they fit there (strict_pack), else on as few as fit
+    # (pack): DDP's gradient all-reduce and SyncBN's collectives stay off the network. spread: one per node.
+    placement: Literal["auto", "pack", "strict_pack", "spread"] = "auto"
+    # Steps between polls for a preemption notice (a collective; 0 = never): on a notice, a checkpoint is
+    # written at once, so a reclaim loses at most this many steps.
+    preemption_poll_interval: int = Field(10, ge=0)
 
 
 class TuneSection(_Section):
@@ -185,6 +200,17 @@ class TuneSection(_Section):
     reduction_factor: float = Field(2.0, gt=1)  # ASHA halving rate
     max_concurrent_trials: int | None = Field(None, ge=1)  # None = derived from the cluster's resources
     max_failures: int = Field(1, ge=0)  # trial restarts on failure
+    # auto: when every searched key leaves the warm-up unchanged (raycontrast.trunk), train the first
+    # loss.warmup_iters iterations once and fork every trial from them (exact); off: every trial trains them.
+    share_warmup: Literal["auto", "off"] = "auto"
+    # When a trial ends: keep its best checkpoint (by val mIoU), all of them, or none (W48: 0.5-0.7 GB each).
+    keep_checkpoints: Literal["best", "all", "none"] = "best"
+    # A node that fails the per-node checks (data, weights, storage, versions): refuse to start, or leave
+    # it out of every trial.
+    bad_nodes: Literal["refuse", "exclude"] = "refuse"
+    # An autoscaling cluster may not hold one trial yet: wait this long for it (resources are requested
+    # from the autoscaler), 0 = refuse at once.
+    wait_for_resources_s: float = Field(0.0, ge=0)
     # Published settings, tried first (ALGORITHM.md s6/s7): in-batch t 0.1 / w 0.1, memory t 0.07 / w 1.0 / 5000.
     points_to_evaluate: tuple[dict[str, Any], ...] = (
         {"loss.temperature": 0.1, "loss.weight": 0.1, "memory.size": 0},
@@ -217,10 +243,6 @@ class Config(_Section):
             raise ValueError(
                 f"loss.class_weights: needs {k} weights for dataset '{self.data.dataset}', got {len(cw)}"
             )
-        if self.loss.ignore_index in range(k):
-            raise ValueError(
-                f"loss.ignore_index: {self.loss.ignore_index} is a class id; use a value outside 0..{k - 1}"
-            )
         return self
 
 
@@ -244,12 +266,15 @@ def known_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_error(key: str) -> ConfigError:
+    if key in REMOVED_KEYS:
+        return ConfigError(f"config key '{key}' was removed: {REMOVED_KEYS[key]}", key=key)
     close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else f"; known sections: {', '.join(Config.model_fields)}"
     return ConfigError(f"unknown config key '{key}'{hint}", key=key)
 
 
-def _check_key(key: str) -> None:
+def check_key(key: str) -> None:
+    """`key` is a dotted leaf key of the config tree; else a `ConfigError` naming it (with a suggestion)."""
     model: type[BaseModel] = Config
     parts = key.split(".")
     for i, part in enumerate(parts):
@@ -332,7 +357,7 @@ def apply_overrides(
     """
     tree = _plain(base.model_dump() if isinstance(base, Config) else dict(base))
     for key, value in overrides.items():
-        _check_key(key)
+        check_key(key)
         _set_dotted(tree, key, _plain(value))
     return _validate(tree, source)
 

@@ -1,7 +1,7 @@
 """One training step and one evaluation pass: the loop body every trainer shares (pure torch, no Ray).
 
-The training loop itself lives in the glue (one readable function); only :func:`train_step` and
-:func:`evaluate` are factored out, plus the optimiser / poly schedule builders and seeding helpers.
+The training loop itself is `loop.run_loop` (one readable function); only :func:`train_step` and
+:func:`evaluate` are factored out, plus the optimiser / poly schedule builders and seeding.
 Everything here is device- and world-size-agnostic: tensors are allocated on the inputs' device, and a
 DDP-wrapped model works unchanged (gradients are already all-reduced when ``backward`` returns).
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
-from typing import Literal
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from raycontrast.metrics import confusion_matrix
-from raycontrast.models.hrnet import HRNetV2
 
 StepStats = dict[str, Tensor]
 
@@ -31,10 +31,13 @@ _PART_KEYS = ("ce", "contrast", "anchors", "hard_share", "intra_cos", "inter_cos
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised by the training loop when losses stay non-finite; the message starts with "non-finite loss:"."""
+    """A run's losses stayed non-finite; the message starts with "non-finite loss:"."""
+
+    PREFIX = "non-finite loss: "
 
     def __init__(self, detail: str) -> None:
-        super().__init__(f"non-finite loss: {detail}")
+        # Idempotent: unpickling (Ray sends the error to the driver) calls this again with the message.
+        super().__init__(detail if detail.startswith(self.PREFIX) else self.PREFIX + detail)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -169,8 +172,9 @@ def train_step(
 
     Returns detached 0-d tensors on the inputs' device: ``loss, ce, contrast, anchors, hard_share,
     intra_cos, inter_cos`` (from the criterion), ``grad_norm`` (before clipping), ``lr`` (the rate this
-    step used), ``finite`` (bool: the update was applied) and ``memory_fill`` (0 without a memory).
-    With an fp16 ``scaler``, overflow steps while the scale calibrates also read ``finite = False``.
+    step used), ``finite`` (bool: the update was applied), ``overflow`` (bool: skipped because fp16
+    gradients overflowed while the loss was finite, the ``scaler`` calibrating; such a step is not a
+    divergence) and ``memory_fill`` (0 without a memory).
     """
     device = images.device
     optimizer.zero_grad(set_to_none=True)
@@ -198,15 +202,18 @@ def train_step(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
     else:
         grad_norm = torch.zeros((), device=device)
-    finite = torch.isfinite(grad_norm) & torch.isfinite(loss.detach())
+    loss_finite = torch.isfinite(loss.detach())
+    flags = torch.stack([torch.isfinite(grad_norm) & loss_finite, loss_finite]).to(torch.int32)
     if isinstance(model, DistributedDataParallel):
         # The gradients are all-reduced, so every rank computes the same norm, and a NaN loss on one rank
         # makes every rank's gradients NaN through that all-reduce. A non-finite loss whose backward stays
         # finite (an empty logsumexp's -inf has zero gradient) would still be local: one tiny MIN
         # all-reduce makes the decision global, so no rank steps or gathers into the memory alone.
-        flag = finite.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=model.process_group)
-        finite = flag.bool()
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=model.process_group)
+    finite, loss_finite = flags.bool().unbind()
+    # fp16 loss scaling: inf gradients with a finite loss are the scaler calibrating (it halves the scale
+    # and the step is skipped), not a divergence.
+    overflow = ~finite & loss_finite if scaler is not None else torch.zeros_like(finite)
 
     # The one host sync of the step: skipping an update cannot be expressed without it (SGD's momentum
     # and weight decay move the weights even with zeroed gradients, and the BN statistics must be put
@@ -223,7 +230,11 @@ def train_step(
         _restore_buffers(saved)
     if scaler is not None:
         scaler.update()  # lowers the scale after an overflow (found_inf was recorded by unscale_)
-    scheduler.step()
+    with warnings.catch_warnings():
+        # A skipped first step makes torch warn that the schedule steps before the optimiser; stepping it
+        # anyway is the point (the schedule follows the iteration count).
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        scheduler.step()
 
     stats: StepStats = {"loss": loss.detach().float()}
     for key in _PART_KEYS:
@@ -231,6 +242,7 @@ def train_step(
     stats["grad_norm"] = grad_norm.float()
     stats["lr"] = torch.full((), lr, device=device)  # a fill, not a host-to-device copy
     stats["finite"] = finite
+    stats["overflow"] = overflow
     stats["memory_fill"] = (
         memory.fill().to(device=device, dtype=torch.float32)
         if memory is not None
@@ -242,15 +254,12 @@ def train_step(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _seg_logits(net: nn.Module, x: Tensor) -> Tensor:
-    """Segmentation logits ``[B, K, h, w]`` without running the projection head where the model allows."""
-    forward_seg = getattr(net, "forward_seg", None)
-    if callable(forward_seg):
-        return forward_seg(x)
-    if isinstance(net, HRNetV2):
-        return net.seg_head(net.features(x))
-    out = net(x)
-    return out["seg"] if isinstance(out, dict) else out
+class SegmentationModel(Protocol):
+    """What `evaluate` needs of a model: segmentation logits without the training-only heads."""
+
+    def forward_seg(self, x: Tensor) -> Tensor:
+        """`x [B, 3, H, W]` -> logits `[B, K, h, w]` (any grid; `evaluate` resizes to the labels)."""
+        ...
 
 
 def _pair(v: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -268,7 +277,9 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
-def _slide_logits(net: nn.Module, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]) -> Tensor:
+def _slide_logits(
+    net: SegmentationModel, images: Tensor, crop: tuple[int, int], stride: tuple[int, int]
+) -> Tensor:
     """Logits ``[B, K, H, W]`` averaged over overlapping ``crop`` windows at input resolution.
 
     Each window's logits are upsampled (bilinear) to the window size; an image smaller than the crop is
@@ -284,7 +295,7 @@ def _slide_logits(net: nn.Module, images: Tensor, crop: tuple[int, int], stride:
             wh, ww = win.shape[-2:]
             if wh < ch or ww < cw:
                 win = F.pad(win, (0, cw - ww, 0, ch - wh))
-            logits = _seg_logits(net, win).float()
+            logits = net.forward_seg(win).float()
             logits = F.interpolate(logits, size=(ch, cw), mode="bilinear", align_corners=False)[..., :wh, :ww]
             if total is None:
                 total = images.new_zeros(b, logits.shape[1], h, w, dtype=torch.float32)
@@ -292,6 +303,65 @@ def _slide_logits(net: nn.Module, images: Tensor, crop: tuple[int, int], stride:
             count[:, :, y : y + wh, x : x + ww] += 1
     assert total is not None
     return total / count
+
+
+def segment_logits(
+    net: SegmentationModel,
+    images: Tensor,
+    *,
+    out_size: tuple[int, int],
+    mode: Literal["whole", "slide"] = "whole",
+    crop: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    amp_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Segmentation logits ``[B, K, *out_size]`` of ``images [B, 3, H, W]``, averaged at ``out_size``.
+
+    Each of ``scales`` resizes the images (bilinear) before the forward, ``flip`` adds each scale's mirror
+    image (its logits mirrored back); every view's logits are upsampled to ``out_size`` and the views'
+    logits averaged. One view (``scales=(1.0,)``, no flip) is the training-time evaluation: its logits
+    are returned as the forward left them when already at ``out_size``.
+    """
+    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    h, w = images.shape[-2:]
+    total: Tensor | None = None
+    for scale, flipped in views:
+        x = images
+        if scale != 1.0:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        if flipped:
+            x = x.flip(-1)
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = net.forward_seg(x) if mode == "whole" else _slide_logits(net, x, crop, stride)  # type: ignore[arg-type]
+        if flipped:
+            logits = logits.flip(-1)
+        if logits.shape[-2:] != tuple(out_size):
+            logits = F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=False)
+        if len(views) == 1:
+            return logits
+        total = logits.float() if total is None else total + logits.float()
+    assert total is not None
+    return total / len(views)
+
+
+def eval_geometry(
+    mode: str, crop_size: int | tuple[int, int] | None, stride: int | tuple[int, int] | None
+) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """`(crop, stride)` of an evaluation mode: None for whole images; slide windows of `crop_size` every
+    `stride` (default 2/3 of the crop)."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"evaluate mode must be 'whole' or 'slide', got {mode!r}")
+    if mode == "whole":
+        return None, None
+    if crop_size is None:
+        raise ValueError("evaluate mode 'slide' needs crop_size")
+    crop = _pair(crop_size, "crop_size")
+    if stride is not None:
+        return crop, _pair(stride, "stride")
+    return crop, (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
 
 
 def evaluate(
@@ -304,6 +374,9 @@ def evaluate(
     crop_size: int | tuple[int, int] | None = None,
     stride: int | tuple[int, int] | None = None,
     amp_dtype: torch.dtype | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Confusion matrix ``[K, K]`` int64 (rows = label, columns = prediction) of ``model`` on ``loader``.
 
@@ -311,21 +384,13 @@ def evaluate(
     ``mode="whole"``: one forward per batch, logits upsampled bilinearly (align_corners=False) to the
     label size. ``mode="slide"``: windows of ``crop_size`` every ``stride`` (default 2/3 of the crop),
     logits averaged where windows overlap, then resized to the label size if it differs from the image.
-    Prediction = argmax. Only the segmentation output is used: a model with a ``forward_seg(x)`` method
-    (or an ``HRNetV2``) skips its projection head. Runs in eval mode under ``torch.inference_mode`` and restores the model's
-    training mode afterwards. The matrix is local to this process (the caller all-reduces).
+    ``scales`` / ``flip``: test-time augmentation (`segment_logits`; the default is the single view the
+    training loop evaluates with). Prediction = argmax of ``model.forward_seg`` (a `SegmentationModel`:
+    HRNetV2 skips its projection head there). Runs in eval mode under ``torch.inference_mode`` and restores
+    the model's training mode afterwards; ``on_batch(images_in_batch)`` after each batch. The matrix is
+    local to this process (the caller all-reduces).
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"evaluate mode must be 'whole' or 'slide', got {mode!r}")
-    if mode == "slide":
-        if crop_size is None:
-            raise ValueError("evaluate mode 'slide' needs crop_size")
-        crop = _pair(crop_size, "crop_size")
-        strides = (
-            _pair(stride, "stride")
-            if stride is not None
-            else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
-        )
+    crop, strides = eval_geometry(mode, crop_size, stride)
     net = _unwrap(model)  # no DDP forward hooks: evaluation is rank-local
     ref = next(iter(net.parameters()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -337,16 +402,13 @@ def evaluate(
             for images, labels in loader:
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    if mode == "whole":
-                        logits = _seg_logits(net, images)
-                    else:
-                        logits = _slide_logits(net, images, crop, strides)
-                if logits.shape[-2:] != labels.shape[-2:]:
-                    logits = F.interpolate(
-                        logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False
-                    )
+                logits = segment_logits(
+                    net, images, out_size=tuple(labels.shape[-2:]), mode=mode, crop=crop, stride=strides,
+                    scales=scales, flip=flip, amp_dtype=amp_dtype,
+                )  # fmt: skip
                 cm += confusion_matrix(logits.argmax(1), labels, num_classes, ignore_index)
+                if on_batch is not None:
+                    on_batch(len(images))
     finally:
         model.train(was_training)
     return cm
@@ -360,14 +422,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the global state third-party code may draw from
     torch.manual_seed(seed)
-
-
-def worker_generator(seed: int, rank: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator for process ``rank``: independent streams per rank, reproducible per (seed, rank).
-
-    The seed is mixed with NumPy's SeedSequence, so nearby (seed, rank) pairs give unrelated streams.
-    """
-    state = np.random.SeedSequence([int(seed), int(rank)]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator(device=device)
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g

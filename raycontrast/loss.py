@@ -1,9 +1,9 @@
 """Pixel-contrast cross-entropy loss (Wang et al., "Exploring Cross-Image Pixel Contrast for Semantic
-Segmentation", ICCV 2021): hard-anchor sampling, the pixel-to-pixel InfoNCE term and CE + contrast.
+Segmentation", ICCV 2021): the pixel-to-pixel InfoNCE term and CE + contrast, on anchors chosen by
+`raycontrast.anchors.sample_anchors` (re-exported here as part of the loss's public API).
 
-Pure torch. Sampling is vectorised over images and classes (one shuffle, one sort, one gather); the memory
-part of the contrast term runs in column chunks with an exact analytic backward, so the [R, M] logits of a
-large memory bank are never held at once.
+Pure torch. The memory part of the contrast term runs in column chunks with an exact analytic backward, so
+the [R, M] logits of a large memory bank are never held at once.
 """
 
 from __future__ import annotations
@@ -14,89 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raycontrast.anchors import labels_to_grid, sample_anchors
+
+__all__ = ["ContrastCELoss", "PixelContrastLoss", "contrastive_loss", "labels_to_grid", "sample_anchors"]
+
 # Column chunks of the memory term are sized so one [rows, cols] block stays under this many bytes.
 _CHUNK_BYTES = 64 * 2**20
 # Tests set this to force tiny chunks (None: derive the width from _CHUNK_BYTES).
 _CHUNK_COLS: int | None = None
 # Largest |s| = |f . x| / t allowed per dtype: exp(+-|s|) times 1e9 summed terms stays finite and normal.
 _MAX_EXP = {torch.float32: 39.0, torch.float64: 330.0}
-
-
-def labels_to_grid(labels: Tensor, size: Sequence[int]) -> Tensor:
-    """Nearest downsampling of labels `[B, H, W]` to `[B, h, w]` (for H = 4h this is `labels[:, ::4, ::4]`)."""
-    if tuple(labels.shape[-2:]) == tuple(size):
-        return labels.long()
-    grid = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")
-    return grid[:, 0].long()
-
-
-def shuffle_within_groups(group: Tensor, num_groups: int, generator: torch.Generator | None = None):
-    """Random order of the items of `group [n]` (ids in [0, num_groups]) sorted by group id.
-
-    Returns `(order [n], offset [num_groups + 1], count [num_groups + 1])`: the items of group g are
-    `order[offset[g] : offset[g] + count[g]]` in uniformly random order, so any prefix of that range is a
-    uniformly random subset of the group.
-    """
-    perm = torch.randperm(group.numel(), generator=generator, device=group.device)
-    order = perm[torch.argsort(group[perm], stable=True)]
-    count = torch.bincount(group, minlength=num_groups + 1)
-    return order, torch.cumsum(count, 0) - count, count
-
-
-def sample_anchors(
-    labels: Tensor,
-    predict: Tensor,
-    *,
-    max_samples: int,
-    max_views: int,
-    ignore_index: int,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Hard-anchor sampling (ALGORITHM.md section 2) for labels and predictions `[B, N]` on the embedding grid.
-
-    Candidate (image, class) pairs have more than `max_views` pixels; with `total` pairs every pair keeps
-    `V = min(max_samples // total, max_views)` pixels: half hard (gt c, pred != c) and half easy, topped up
-    from the other pool when one is short. Returns `(index [A, V], anchor_labels [A])`, indices into the
-    flattened `B * N` pixels, rows ordered by image then class, hard pixels first within a row. A == 0
-    (shapes [0, 0] and [0]) when no pair qualifies or `max_samples < total`.
-    """
-    if labels.dim() != 2 or labels.shape != predict.shape:
-        raise ValueError(
-            f"labels and predict must both be [B, N], got {tuple(labels.shape)} and {tuple(predict.shape)}"
-        )
-    batch, n_pix = labels.shape
-    dev = labels.device
-    empty = (torch.zeros(0, 0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev))
-    if labels.numel() == 0:
-        return empty
-    valid = labels != ignore_index
-    lab = torch.where(valid, labels, 0)
-    lo, hi = torch.stack([lab.min(), lab.max()]).tolist()  # host sync 1
-    if lo < 0:
-        raise ValueError(f"labels must be >= 0 or ignore_index ({ignore_index}), found {lo}")
-    k = hi + 1
-    pair = (torch.arange(batch, device=dev)[:, None] * k + lab).flatten()  # (image, class) id per pixel
-    counts = torch.zeros(batch * k, dtype=torch.long, device=dev).scatter_add_(
-        0, pair, valid.flatten().long()
-    )
-    cand = counts > max_views  # strictly more than max_views pixels
-    total = int(cand.sum())  # host sync 2
-    if total == 0 or max_samples // total == 0:
-        return empty
-    views = min(max_samples // total, max_views)
-    row = torch.cumsum(cand, 0) - 1  # row of each candidate pair: image-major, then class ascending
-    keep = valid.flatten() & cand[pair]
-    easy = (predict.flatten() == lab.flatten()).long()
-    group = torch.where(keep, 2 * row[pair] + easy, 2 * total)  # groups (row, hard=0 / easy=1); rest last
-    order, offset, count = shuffle_within_groups(group, 2 * total, generator)
-    n_hard, n_easy = count[: 2 * total].view(-1, 2).t()
-    off_hard, off_easy = offset[: 2 * total].view(-1, 2).t()
-    half_h, half_e = 2 * n_hard >= views, 2 * n_easy >= views
-    k_hard = torch.where(half_h & half_e, views // 2, torch.where(half_h, views - n_easy, n_hard))[:, None]
-    slot = torch.arange(views, device=dev)
-    src = torch.where(slot < k_hard, off_hard[:, None] + slot, off_easy[:, None] + slot - k_hard)
-    index = order[src]
-    return index, lab.flatten()[index[:, 0]]
 
 
 def _chunk_cols(rows: int, itemsize: int) -> int:

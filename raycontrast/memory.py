@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from raycontrast.loss import labels_to_grid, shuffle_within_groups
+from raycontrast.anchors import labels_to_grid, shuffle_within_groups
+
+__all__ = ["PixelMemory", "all_gather_entries", "shrink_state"]
 
 GatherFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -23,6 +26,20 @@ PIXEL, SEGMENT = 0, 1  # queue index in the [K, 2, size, D] storage
 
 def _identity_gather(keys: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return keys, labels
+
+
+def all_gather_entries(keys: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """All-gather `keys [E, D]` (float), `labels [E]` over the default process group, in rank order.
+
+    E = B * K * (1 + pixel_update_freq) is fixed by the memory's layout and the per-rank batch size, so it
+    is the same on every rank: no count exchange (no host sync) is needed. Keys and labels travel as one
+    `[E, D + 1]` tensor, so it is one collective; labels (-1..K) are exact in any float dtype.
+    """
+    packed = torch.cat([keys, labels[:, None].to(keys.dtype)], dim=1)
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, packed)
+    out = torch.cat(parts)
+    return out[:, :-1], out[:, -1].to(labels.dtype)
 
 
 class PixelMemory:
@@ -62,6 +79,7 @@ class PixelMemory:
         self.feats = torch.zeros(num_classes, 2, size, dim)
         self.ptr = torch.zeros(num_classes, 2, dtype=torch.long)
         self.count = torch.zeros(num_classes, 2, dtype=torch.long)
+        self.total = torch.zeros(num_classes, 2, dtype=torch.long)  # entries ever written, per queue
 
     @property
     def device(self) -> torch.device:
@@ -69,11 +87,17 @@ class PixelMemory:
 
     def to(self, device: torch.device | str) -> PixelMemory:
         self.feats, self.ptr, self.count = self.feats.to(device), self.ptr.to(device), self.count.to(device)
+        self.total = self.total.to(device)
         return self
 
-    def fill(self) -> Tensor:
-        """Fraction of all slots that hold an entry, a 0-d float tensor on the memory's device (no host sync)."""
-        return self.count.sum() / (self.count.numel() * self.size)
+    def fill(self, size: int | None = None) -> Tensor:
+        """Fraction of all slots that hold an entry, a 0-d float tensor on the memory's device (no host sync).
+
+        `size`: the fill a memory of that size (<= this one's) would have after the same writes, computed
+        with the same arithmetic (a ring of `size` slots holds min(total written, size) entries).
+        """
+        count = self.count if size is None else torch.clamp(self.total, max=size)
+        return count.sum() / (count.numel() * (self.size if size is None else size))
 
     @torch.no_grad()
     def candidates(
@@ -155,6 +179,7 @@ class PixelMemory:
         self.feats.view(-1, self.dim)[dest[keep]] = entries[keep]
         self.ptr.copy_(((ptr + n_new) % size).view(n_cls, 2))
         self.count.copy_(torch.clamp(self.count.view(-1) + n_new, max=size).view(n_cls, 2))
+        self.total += n_new.view(n_cls, 2)
 
     def contrast_set(self) -> tuple[Tensor, Tensor]:
         """Filled slots -> `(feats [M', D], labels [M'])`, grouped by class (class c: pixels, then segments).
@@ -169,7 +194,10 @@ class PixelMemory:
         return self.feats[filled], cls[:, None, None].expand_as(filled)[filled]
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"feats": self.feats.clone(), "ptr": self.ptr.clone(), "count": self.count.clone()}
+        return {
+            "feats": self.feats.clone(), "ptr": self.ptr.clone(), "count": self.count.clone(),
+            "total": self.total.clone(),
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         for key, current in (("feats", self.feats), ("ptr", self.ptr), ("count", self.count)):
@@ -186,3 +214,32 @@ class PixelMemory:
         self.feats.copy_(state["feats"])
         self.ptr.copy_(ptr)
         self.count.copy_(count)
+        self.total.copy_(state.get("total", count))  # older checkpoints: exact while no queue wrapped
+
+
+def shrink_state(state: dict[str, Tensor], size: int) -> dict[str, Tensor]:
+    """The state a memory of `size` slots per queue would hold after the same writes as the one whose
+    `state` (a `PixelMemory.state_dict()` of `>= size` slots) is given.
+
+    A ring of size s that has received n entries holds exactly the newest min(n, s), entry k (0-based, in
+    arrival order) at slot k % s; in the larger ring, entry k sits at slot k % S. Both follow from the
+    queue's total count, so the smaller ring is rebuilt slot by slot: `[K, 2, size, D]` feats, pointer
+    n % s, count min(n, s), total n.
+    """
+    feats, total = state["feats"], state["total"]
+    n_cls, _, big, dim = feats.shape
+    if size > big:
+        raise ValueError(f"cannot grow a memory of {big} slots per queue to {size}")
+    k = total[..., None] - size + torch.arange(size, device=total.device)  # [K, 2, size]: the newest size ids
+    valid = k >= 0
+    src = torch.where(valid, k % big, 0)
+    dst = torch.where(valid, k % size, 0)
+    small = feats.new_zeros(n_cls, 2, size, dim)
+    taken = torch.gather(feats, 2, src[..., None].expand(n_cls, 2, size, dim))
+    small.scatter_(2, dst[..., None].expand(n_cls, 2, size, dim), taken * valid[..., None])
+    return {
+        "feats": small,
+        "ptr": total % size,
+        "count": torch.clamp(total, max=size),
+        "total": total.clone(),
+    }

@@ -6,31 +6,40 @@ full) and the pretrained weights (loaded into a shape-only backbone). Each probl
 naming the config key or the file and saying what to do; the CLI prints it and exits 2. Nothing is left
 behind: folders created only to probe writability are removed again.
 
-What needs a live cluster (its resources, whether its nodes share `run.storage_path`) is checked after
-connecting, by `raycontrast.train` / `raycontrast.tune`.
+What needs a live cluster is checked after connecting: its resources and whether its nodes share
+`run.storage_path` by `raycontrast.train` / `raycontrast.tune`, and every node's data, weights, storage and
+package versions by `check_nodes` (one task per node; Ray imported lazily).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from raycontrast.config import Config, ConfigError
+from raycontrast.storage import check_run_dir, is_uri, open_storage
+
+if TYPE_CHECKING:
+    from raycontrast.models.pretrained import LoadReport
 
 __all__ = [
     "FULL_SCAN_HINT",
     "PreflightError",
     "check",
     "check_data",
+    "check_job_storage",
+    "check_nodes",
     "check_resources",
     "check_space",
     "check_storage",
     "check_weights",
+    "probe_node",
     "probe_writable",
 ]
 
@@ -60,7 +69,8 @@ def check(cfg: Config, command: Command, *, resume: bool = False, address: str |
     check_storage(cfg.run.storage_path, cfg.run.name, command=command, resume=resume)
     check_data(cfg.data.dataset, cfg.data.root)
     if cfg.model.pretrained:
-        check_weights(cfg.model.pretrained, cfg.model.variant)
+        report = check_weights(cfg.model.pretrained, cfg.model.variant)
+        print(report.describe(cfg.model.pretrained, cfg.model.variant), flush=True)
 
 
 # ----------------------------------------------------------------------------------------------- space
@@ -99,45 +109,33 @@ def check_resources(
     `num_gpus` / `num_cpus` default to `torch.cuda.device_count()` / `os.cpu_count()`. With a cluster
     address (argument or `RAY_ADDRESS`) only the in-process mode (`train.workers=0`) is checked here.
     """
-    if command == "tune" and workers < 1:
-        raise PreflightError(
-            "train.workers: a search runs each trial on Ray Train workers, got train.workers=0; "
-            "set train.workers to 1 or more",
-            "train.workers",
-        )
-    in_process = command == "train" and workers == 0
-    if _cluster_address(address) and not in_process:
-        return  # the connected cluster's resources are checked after connecting
-    if use_gpu:
-        if num_gpus is None:
-            import torch
+    from raycontrast.plan import InsufficientResourcesError, check_fit, require_workers
 
-            num_gpus = torch.cuda.device_count()
-        if in_process and num_gpus < 1:
-            raise PreflightError(
-                "train.use_gpu: train.use_gpu=true with train.workers=0 trains in this process on 1 GPU, "
-                "but this machine has 0 GPUs; set train.use_gpu=false",
-                "train.use_gpu",
-            )
-        if not in_process and workers > num_gpus:
-            what = "each trial asks for" if command == "tune" else "asks for"
-            raise PreflightError(
-                f"train.use_gpu: {what} {workers} worker(s) x 1 GPU (train.workers={workers}, "
-                f"train.use_gpu=true), but this machine has {num_gpus} GPU(s); set train.use_gpu=false, "
-                + (f"lower train.workers to {num_gpus}, " if num_gpus else "")
-                + "or pass --address of a cluster with GPUs",
-                "train.use_gpu",
-            )
-    if not in_process:
-        num_cpus = num_cpus if num_cpus is not None else (os.cpu_count() or 1)
-        need = workers * cpus_per_worker
-        if need > num_cpus + 1e-9:
-            raise PreflightError(
-                f"train.workers: train.workers={workers} x train.cpus_per_worker={cpus_per_worker:g} = "
-                f"{need:g} CPUs, but this machine has {num_cpus}; lower train.workers or "
-                "train.cpus_per_worker, or pass --address of a bigger cluster",
-                "train.workers",
-            )
+    in_process = command == "train" and workers == 0
+    if use_gpu and num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    try:
+        if command == "tune":
+            require_workers(workers)
+        if in_process:
+            if use_gpu and num_gpus < 1:
+                raise PreflightError(
+                    "train.use_gpu: train.use_gpu=true with train.workers=0 trains in this process on 1 GPU, "
+                    "but this machine has 0 GPUs; set train.use_gpu=false",
+                    "train.use_gpu",
+                )
+            return
+        if _cluster_address(address):
+            return  # the connected cluster's resources are checked after connecting
+        check_fit(
+            workers=workers, cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, gpus=num_gpus or 0,
+            cpus=num_cpus if num_cpus is not None else (os.cpu_count() or 1), where="this machine",
+            unit="each trial" if command == "tune" else "the run",
+        )  # fmt: skip
+    except InsufficientResourcesError as exc:
+        raise PreflightError(str(exc), exc.key) from None
 
 
 # --------------------------------------------------------------------------------------------- storage
@@ -186,23 +184,36 @@ def check_storage(storage_path: str, run_name: str, *, command: Command, resume:
 
     URIs (`s3://...`) are left to Ray / pyarrow, which reach them with the run's credentials.
     """
-    if "://" in storage_path:
+    if is_uri(storage_path):
         return
     probe_writable(storage_path, "run.storage_path")
-    run_dir = Path(storage_path).expanduser().absolute() / run_name
     noun = "experiment" if command == "tune" else "run"
-    if run_dir.exists() and not resume:
-        raise PreflightError(
-            f"run.name: {'an' if noun == 'experiment' else 'a'} {noun} named '{run_name}' already exists at "
-            f"{run_dir}; pass --resume to continue it, or choose another run.name",
-            "run.name",
-        )
-    if resume and not run_dir.exists():
-        raise PreflightError(
-            f"run.name: --resume: no {noun} named '{run_name}' under {storage_path}; "
-            "start it without --resume, or set run.name / run.storage_path to the one to continue",
-            "run.name",
-        )
+    try:
+        check_run_dir(open_storage(storage_path), run_name, resume=resume, noun=noun)
+    except ConfigError as exc:
+        raise PreflightError(str(exc), exc.key) from None
+
+
+def job_working_dir() -> str | None:
+    """The working_dir of the Ray job this process runs as (`ray job submit --working-dir`), else None."""
+    try:
+        return json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"])["runtime_env"].get("working_dir")
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def check_job_storage(storage_path: str) -> None:
+    """Under `ray job submit --working-dir`, a relative `run.storage_path` would land in the job's private
+    copy of the working dir, which the next job (a `--resume`) never sees: refused, with the reason."""
+    if is_uri(storage_path) or os.path.isabs(os.path.expanduser(storage_path)) or job_working_dir() is None:
+        return
+    raise PreflightError(
+        f"run.storage_path: '{storage_path}' is a relative path, and this runs as a Ray job inside a temporary "
+        f"copy of its working dir ({os.getcwd()}), which a later job does not see: a --resume could not find "
+        "the results. Give an absolute path that every node sees (an NFS mount) or s3://bucket/prefix, e.g. "
+        "--set run.storage_path=/mnt/shared/raycontrast",
+        "run.storage_path",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -243,22 +254,24 @@ def check_data(
 # --------------------------------------------------------------------------------------------- weights
 
 
-def check_weights(path: str, variant: str) -> None:
-    """`model.pretrained` exists and loads into an HRNet `variant` backbone (keys and shapes).
+def check_weights(path: str, variant: str) -> LoadReport:
+    """`model.pretrained` exists and loads into an HRNet `variant` backbone (keys and shapes); returns what
+    it loaded and ignored.
 
     The backbone is built on the meta device: shapes only, so even W48 costs no real allocation; the
     checkpoint itself is read in full, which is what catches truncated files.
     """
     import torch
 
-    from raycontrast.models.hrnet import HRNetBackbone, load_pretrained
+    from raycontrast.models.hrnet import HRNetBackbone
+    from raycontrast.models.pretrained import load_pretrained
 
     with torch.device("meta"):
         backbone = HRNetBackbone(variant)  # type: ignore[arg-type]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # copying into meta tensors is a no-op, which is the point
-            load_pretrained(backbone, path)
+            return load_pretrained(backbone, path)
     except (OSError, ValueError) as exc:
         todo = ""
         if isinstance(exc, FileNotFoundError):
@@ -266,3 +279,89 @@ def check_weights(path: str, variant: str) -> None:
         elif "backbone" in str(exc):  # missing keys / shape mismatch: usually the wrong variant
             todo = f" (model.variant={variant!r}: use a checkpoint of that variant, or change model.variant)"
         raise PreflightError(f"model.pretrained: {exc}{todo}", "model.pretrained") from None
+
+
+# ----------------------------------------------------------------------------------- per node, once up
+
+
+def probe_node(cfg_json: dict, fs: object, folder: str, driver_versions: dict[str, str | None]) -> list[str]:
+    """What is wrong for a search on the node this runs on (empty: nothing): another raycontrast / torch
+    / ray / Optuna than the driver's, data that does not load (imports, cache, a sample decoded), pretrained
+    weights that do not load, storage that cannot be written."""
+    import posixpath
+    import uuid
+
+    from raycontrast.experiment import versions
+    from raycontrast.storage import write_atomic
+
+    cfg, problems = Config.model_validate(cfg_json), []
+    mine = versions()
+    if mine != driver_versions:
+        diff = ", ".join(
+            f"{k} {mine.get(k)} (driver {v})" for k, v in driver_versions.items() if mine.get(k) != v
+        )
+        problems.append(f"versions differ from the driver's: {diff}")
+    try:
+        check_data(cfg.data.dataset, cfg.data.root)
+        from raycontrast.data.loader import dataset_from_config  # imported here: the import itself may fail
+
+        dataset_from_config(cfg.data, "val", train=False)[0]
+    except Exception as exc:
+        problems.append(f"data.root {cfg.data.root}: {type(exc).__name__}: {str(exc)[:300]}")
+    if cfg.model.pretrained:
+        try:
+            check_weights(cfg.model.pretrained, cfg.model.variant)
+        except Exception as exc:
+            problems.append(f"model.pretrained: {str(exc)[:300]}")
+    probe = posixpath.join(folder, f".probe-{uuid.uuid4().hex}")
+    try:
+        write_atomic(fs, probe, b"ok")  # type: ignore[arg-type]
+        fs.delete_file(probe)  # type: ignore[attr-defined]
+    except Exception as exc:
+        problems.append(f"run.storage_path: cannot write {folder} ({type(exc).__name__}: {exc})")
+    return problems
+
+
+def check_nodes(cfg: Config, fs: object, folder: str, *, timeout_s: float = 300.0) -> list[str]:
+    """Run `probe_node` once on every alive node before any trial starts. A failing node is named with
+    its reasons: the search is refused (`tune.bad_nodes: refuse`), or the node is left out of every trial
+    (`exclude`); returns the ids of the nodes to leave out."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raycontrast.experiment import versions
+
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n.get("Alive")}
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    refs = {
+        nid: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False)).remote(
+            cfg.model_dump(mode="json"), fs, folder, versions()
+        )
+        for nid in nodes
+    }
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    bad: dict[str, list[str]] = {}
+    for nid, ref in refs.items():
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            bad[nid] = [f"the check did not answer within {timeout_s:g} s"]
+            continue
+        try:
+            problems = ray.get(ref)
+        except Exception as exc:  # the worker could not even run it (e.g. raycontrast not importable)
+            problems = [f"the check failed to run: {type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"]
+        if problems:
+            bad[nid] = problems
+    lines = [
+        f"node {nid[:12]} ({nodes[nid].get('NodeManagerAddress')}): {'; '.join(p)}" for nid, p in bad.items()
+    ]
+    if bad and cfg.tune.bad_nodes == "refuse":
+        raise ConfigError(
+            f"{len(bad)} of {len(nodes)} nodes cannot run this search:\n  "
+            + "\n  ".join(lines)
+            + "\nfix them, or set tune.bad_nodes=exclude to leave them out of every trial",
+            "tune.bad_nodes",
+        )
+    for line in lines:
+        print(f"left out: {line}", flush=True)
+    return sorted(bad)

@@ -1,149 +1,65 @@
-"""Parquet result tables of a search: one row per trial, learning curves and per-class IoU (no Ray).
+"""Writing a search's result tables (`raycontrast.tables`) as trials report and end (no Ray).
 
-Three tables live under `<storage_path>/<experiment>/tables/`:
-- `trials.parquet`: one row per trial: id, status, error, summary metrics, and every hyperparameter (searched
-  or fixed) as its own column named by its dotted config key (`loss.temperature`); the `searched` column
-  lists the keys the search varied. Lists/dicts (`data.crop_size`, `tune.space`) are JSON strings; the schema
-  metadata key `raycontrast.json_columns` names those columns.
-- `curves.parquet`: one row per (trial_id, iteration) report.
-- `class_iou.parquet`: one row per (trial_id, iteration, class_id).
-
-`ResultsWriter` keeps all rows in memory keyed as above (a re-reported key replaces the old row, so a trial
-that resumes from a checkpoint and reports an iteration again never duplicates it) and rewrites whole tables.
-Every table is serialised in memory first, then written atomically: on local/NFS/HDFS storage to a
-`<name>.tmp-<uuid>` sibling that is renamed over the target; on object stores (S3, GCS, ABFS) with a single
-upload to the final key, which becomes visible only when complete. `trials` is written first, so a crash
-between two tables still leaves every trial of `curves`/`class_iou` present in `trials`.
+`ResultsWriter` keeps all rows in memory keyed by (trial_id), (trial_id, iteration) and (trial_id, iteration,
+class_id): a re-reported key replaces the old row, so a trial that resumes from a checkpoint and reports an
+iteration again never duplicates it; whole tables are rewritten. Every table is serialised in memory first,
+then written atomically (`storage.write_atomic`: a renamed temporary sibling on disks and NFS, one upload on
+object stores). `trials` is written first, so a crash between two tables still leaves every trial of
+`curves`/`class_iou` present in `trials`. `load_results` reads them back as pandas DataFrames.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import posixpath
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raycontrast.storage import exists, locate, write_atomic
+from raycontrast.tables import (
+    CLASS_IOU_SCHEMA,
+    CURVES_SCHEMA,
+    STATUSES,
+    TABLES,
+    TRIALS_FIXED_FIELDS,
+    TRUNK_SCHEMA,
+    column_type,
+    decode_config,
+    json_columns,
+    load_results,
+    num,
+    plain,
+    read_tables,
+    short_error,
+    to_json,
+    trial_config,
+    trials_schema,
+    ts,
+)
+
+TRUNK_ID = "trunk"  # the Train run name of a search's shared warm-up
+
 __all__ = [
+    "TRUNK_ID",
     "CLASS_IOU_SCHEMA",
     "CURVES_SCHEMA",
     "STATUSES",
     "TRIALS_FIXED_FIELDS",
     "ResultsWriter",
+    "TrialRecord",
     "load_results",
-    "resolve_path",
     "short_error",
     "trial_config",
     "trials_schema",
-    "write_bytes_atomic",
 ]
-
-STATUSES = ("RUNNING", "TERMINATED", "STOPPED_EARLY", "ERROR")
-TABLES = ("trials", "curves", "class_iou")
-JSON_COLUMNS_KEY = b"raycontrast.json_columns"
-_TS = pa.timestamp("us", tz="UTC")
-_OBJECT_STORES = {"s3", "gcs", "abfs"}
-
-TRIALS_FIXED_FIELDS: tuple[pa.Field, ...] = (
-    pa.field("trial_id", pa.string(), nullable=False),
-    pa.field("status", pa.string(), nullable=False),
-    pa.field("error", pa.string()),  # short failure reason, e.g. "non-finite loss: ..."
-    pa.field("searched", pa.list_(pa.string())),  # dotted keys the search varied for this trial
-    pa.field("best_val_miou", pa.float64()),
-    pa.field("last_val_miou", pa.float64()),
-    pa.field("iteration_of_best", pa.int64()),
-    pa.field("last_iteration", pa.int64()),
-    pa.field("num_reports", pa.int64()),
-    pa.field("wall_time_s", pa.float64()),  # trial start to end (or to its latest report while running)
-    pa.field("worker_seconds", pa.float64()),  # cumulative workers x wall, as reported at the last iteration
-    pa.field("peak_rss_mb", pa.float64()),
-    pa.field("time_to_first_report_s", pa.float64()),  # trial start to first report: start-up + 1st window
-    pa.field("started_at", _TS),
-    pa.field("ended_at", _TS),
-)
-
-CURVES_SCHEMA = pa.schema(
-    [pa.field("trial_id", pa.string(), nullable=False), pa.field("iteration", pa.int64(), nullable=False)]
-    + [pa.field("epoch", pa.int64())]
-    + [
-        pa.field(n, pa.float64())
-        for n in (
-            "time_s", "lr", "loss", "ce_loss", "contrast_loss", "val_miou", "val_pixel_acc", "anchors",
-            "hard_share", "intra_cos", "inter_cos", "memory_fill",
-        )
-    ]
-    + [pa.field("nonfinite_steps", pa.int64())]
-    + [
-        pa.field(n, pa.float64())
-        for n in ("images_per_s", "worker_seconds", "peak_rss_mb", "train_time_s", "eval_time_s")
-    ]
-)  # fmt: skip
-
-CLASS_IOU_SCHEMA = pa.schema(
-    [
-        pa.field("trial_id", pa.string(), nullable=False),
-        pa.field("iteration", pa.int64(), nullable=False),
-        pa.field("class_id", pa.int64(), nullable=False),
-        pa.field("class_name", pa.string()),
-        pa.field("iou", pa.float64()),  # NaN: class absent from both prediction and ground truth
-    ]
-)
-
-
-# ------------------------------------------------------------------------------------------ storage
-
-
-def resolve_path(
-    path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
-) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path on it): a given filesystem is used as is; `s3://...`-style URIs via `from_uri`."""
-    p = os.fspath(path)
-    if filesystem is not None:
-        return filesystem, p.rstrip("/") or "/"
-    if "://" in p:
-        return pafs.FileSystem.from_uri(p)
-    return pafs.LocalFileSystem(), os.path.abspath(p)
-
-
-def _is_object_store(fs: pafs.FileSystem) -> bool:
-    while isinstance(fs, pafs.SubTreeFileSystem):
-        fs = fs.base_fs
-    return fs.type_name in _OBJECT_STORES
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old or the new file, never a partial one."""
-    parent = posixpath.dirname(path)
-    if _is_object_store(fs):  # one upload; the object appears only once it completed
-        with fs.open_output_stream(path) as out:
-            out.write(data)
-        return
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)  # rename(2) on local and NFS: atomic replace
-    except BaseException:
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp)
-        raise
 
 
 def _table_bytes(table: pa.Table) -> bytes:
@@ -152,67 +68,87 @@ def _table_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-# ------------------------------------------------------------------------------------ value typing
-
-
-def _plain(v: Any) -> Any:
-    """numpy / torch scalars -> Python scalars (Tune hands over numpy types)."""
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
-        return v.item()
-    if isinstance(v, tuple):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _column_type(values: Iterable[Any]) -> tuple[pa.DataType, bool]:
-    """Arrow type of a hyperparameter column from its values, and whether it is stored as JSON."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return pa.string(), False
-    if all(isinstance(v, bool) for v in vals):
-        return pa.bool_(), False
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        return pa.int64(), False
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in vals):
-        return pa.float64(), False
-    if all(isinstance(v, str) for v in vals):
-        return pa.string(), False
-    return pa.string(), True  # lists, dicts or mixed kinds
-
-
-def _to_json(v: Any) -> str:
-    return json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-
-
-def trials_schema(hparam_types: Mapping[str, pa.DataType], json_columns: Iterable[str] = ()) -> pa.Schema:
-    """Schema of `trials.parquet`: the fixed fields, then one column per dotted hyperparameter key (sorted)."""
-    fields = list(TRIALS_FIXED_FIELDS) + [pa.field(k, hparam_types[k]) for k in sorted(hparam_types)]
-    return pa.schema(fields, metadata={JSON_COLUMNS_KEY: json.dumps(sorted(json_columns)).encode()})
-
-
-def _num(v: Any) -> float | None:
-    v = _plain(v)
-    return None if v is None or isinstance(v, bool) or not isinstance(v, int | float) else float(v)
-
-
-def _ts(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
-
-
-def short_error(error: str | BaseException | None) -> str | None:
-    """One line naming the failure: the 'non-finite loss: ...' line if present, else the last line."""
-    if error is None:
-        return None
-    text = str(error).strip() or type(error).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # the last match is the exception line; earlier ones may be the source line that raised it
-    pick = next((ln for ln in reversed(lines) if "non-finite loss:" in ln), lines[-1] if lines else text)
-    if "non-finite loss:" in pick:
-        pick = pick[pick.index("non-finite loss:") :]
-    return pick[:500]
-
-
 # ------------------------------------------------------------------------------------------- writer
+
+
+@dataclass
+class TrialRecord:
+    """What the writer knows of one trial besides its curve rows (times are Unix seconds)."""
+
+    config: dict[str, Any]  # flattened: dotted key -> value
+    searched: list[str]
+    started_at: float
+    start_known: bool  # seen at its start (not first at a report), so time to first report means something
+    status: str = "RUNNING"
+    error: str | None = None
+    first_report_at: float | None = None
+    last_seen: float | None = None
+    ended_at: float | None = None
+    disk_bytes: int | None = None
+    forked_at: int | None = None  # started from the shared warm-up trunk at this iteration
+    kept: str | None = None  # once ended: the checkpoint its retention kept as the best
+    retained: bool = False  # retention has run (kept None then means none was kept)
+
+    def running_again(self) -> None:
+        """Tune restarted the trial (`tune.max_failures`) or a resumed search continues it."""
+        self.status, self.error, self.ended_at = "RUNNING", None, None
+
+    def summary(self, trial_id: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The fixed columns of its `trials` row, from its curve rows (sorted by iteration), so re-reports
+        stay consistent."""
+        val = [
+            (r["iteration"], r["val_miou"])
+            for r in rows
+            if r["val_miou"] is not None and not math.isnan(r["val_miou"])
+        ]
+        best = max(val, key=lambda x: (x[1], -x[0]), default=(None, None))  # ties -> earliest iteration
+        end, first = self.ended_at or self.last_seen, self.first_report_at
+        rss = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
+        return {
+            "trial_id": trial_id, "status": self.status, "error": self.error, "searched": self.searched,
+            "best_val_miou": best[1], "last_val_miou": val[-1][1] if val else None,
+            "iteration_of_best": best[0], "last_iteration": rows[-1]["iteration"] if rows else None,
+            "num_reports": len(rows), "wall_time_s": None if end is None else end - self.started_at,
+            "worker_seconds": rows[-1]["worker_seconds"] if rows else None,
+            "peak_rss_mb": max(rss) if rss else None,
+            "time_to_first_report_s": None if first is None else first - self.started_at,
+            "disk_bytes": self.disk_bytes, "forked_at": self.forked_at,
+            "best_checkpoint": self._best_ckpt(rows),
+            "started_at": ts(self.started_at), "ended_at": ts(self.ended_at),
+        }  # fmt: skip
+
+    def _best_ckpt(self, rows: list[dict[str, Any]]) -> str | None:
+        """The kept best checkpoint once ended; while running, that of the best report with a checkpoint
+        (Train keeps its best `train.num_to_keep` by val mIoU)."""
+        if self.retained:
+            return self.kept
+        scored = [
+            (r["val_miou"], -r["iteration"], r["checkpoint_path"])
+            for r in rows
+            if r.get("checkpoint_path") and r["val_miou"] is not None and not math.isnan(r["val_miou"])
+        ]
+        return max(scored)[2] if scored else None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], json_columns: Iterable[str], now: float) -> TrialRecord:
+        """The record behind a `trials` table row (a resumed search continues from the tables)."""
+        started = row["started_at"].timestamp() if row["started_at"] else now
+        ttfr, wall = row["time_to_first_report_s"], row["wall_time_s"]
+        return cls(
+            config=decode_config(row, json_columns),
+            searched=list(row["searched"] or []),
+            started_at=started,
+            start_known=ttfr is not None or not row["num_reports"],
+            status=row["status"],
+            error=row["error"],
+            first_report_at=None if ttfr is None else started + ttfr,
+            last_seen=None if wall is None else started + wall,
+            ended_at=row["ended_at"].timestamp() if row["ended_at"] else None,
+            disk_bytes=row.get("disk_bytes"),
+            forked_at=row.get("forked_at"),
+            kept=row.get("best_checkpoint"),
+            retained=row["status"] != "RUNNING" and row.get("disk_bytes") is not None,
+        )
 
 
 class ResultsWriter:
@@ -234,15 +170,16 @@ class ResultsWriter:
         flush_interval_s: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.fs, self.dir = resolve_path(tables_dir, filesystem)
+        self.fs, self.dir = locate(tables_dir, filesystem)
         self.class_names = list(class_names)
         self.searched_keys = sorted(searched_keys)
         self.target_iterations = target_iterations
         self.flush_interval_s = flush_interval_s
         self.clock = clock
-        self._trials: dict[str, dict[str, Any]] = {}  # trial_id -> state (config, status, times)
+        self._trials: dict[str, TrialRecord] = {}
         self._curves: dict[tuple[str, int], dict[str, Any]] = {}
         self._class_iou: dict[tuple[str, int, int], dict[str, Any]] = {}
+        self._trunk: dict[str, Any] | None = None
         self._last_flush = -math.inf
         # Tune calls back on its driver thread; a user may flush from another one.
         self._lock = threading.Lock()
@@ -259,24 +196,20 @@ class ResultsWriter:
 
     # ---- events -------------------------------------------------------------------------------
 
-    def _trial(self, trial_id: str, config_flat: Mapping[str, Any] | None, start: bool) -> dict[str, Any]:
-        st = self._trials.get(trial_id)
-        if st is None:  # `start_known`: created by on_trial_start, so time to first report is meaningful
-            st = self._trials[trial_id] = {
-                "status": "RUNNING", "error": None, "config": {}, "searched": list(self.searched_keys),
-                "started_at": self.clock(), "start_known": start, "first_report_at": None, "last_seen": None,
-                "ended_at": None,
-            }  # fmt: skip
+    def _trial(self, trial_id: str, config_flat: Mapping[str, Any] | None, start: bool) -> TrialRecord:
+        rec = self._trials.get(trial_id)
+        if rec is None:
+            rec = self._trials[trial_id] = TrialRecord({}, list(self.searched_keys), self.clock(), start)
         if config_flat:
-            st["config"] = {k: _plain(v) for k, v in config_flat.items()}
-        return st
+            rec.config = {k: plain(v) for k, v in config_flat.items()}
+        return rec
 
     def on_trial_start(self, trial_id: str, config_flat: Mapping[str, Any] | None = None) -> None:
         """Record a trial's start time and config (optional: the first report does it too)."""
         with self._lock:
-            st = self._trial(str(trial_id), config_flat, start=True)
-            if st["status"] != "RUNNING":  # restarted after an error (Tune's max_failures)
-                st.update(status="RUNNING", error=None, ended_at=None)
+            rec = self._trial(str(trial_id), config_flat, start=True)
+            if rec.status != "RUNNING":  # restarted after an error (Tune's max_failures)
+                rec.running_again()
 
     def on_report(
         self, trial_id: str, config_flat: Mapping[str, Any] | None, metrics: Mapping[str, Any]
@@ -285,18 +218,19 @@ class ResultsWriter:
         it = metrics.get("iteration", metrics.get("training_iteration"))
         if it is None:
             raise ValueError(f"report of trial {trial_id} has no 'iteration' (keys: {sorted(metrics)})")
-        tid, it, now = str(trial_id), int(_plain(it)), self.clock()
+        tid, it, now = str(trial_id), int(plain(it)), self.clock()
         with self._lock:
-            st = self._trial(tid, config_flat, start=False)
-            if st["first_report_at"] is None and st["start_known"]:
-                st["first_report_at"] = now
-            if st["status"] == "ERROR":  # reporting again: Tune restarted it (tune.max_failures)
-                st.update(status="RUNNING", error=None, ended_at=None)
-            st["last_seen"] = now
+            rec = self._trial(tid, config_flat, start=False)
+            if rec.first_report_at is None and rec.start_known:
+                rec.first_report_at = now
+            if rec.status == "ERROR":  # reporting again: Tune restarted it (tune.max_failures)
+                rec.running_again()
+            rec.last_seen = now
             row: dict[str, Any] = {"trial_id": tid, "iteration": it}
+            row["checkpoint_path"] = metrics.get("checkpoint_path") or None
             for f in CURVES_SCHEMA:
                 if f.name not in row:
-                    v = _num(metrics.get(f.name))
+                    v = num(metrics.get(f.name))
                     if v is not None and pa.types.is_integer(f.type):
                         v = int(v) if math.isfinite(v) else None
                     row[f.name] = v
@@ -305,7 +239,7 @@ class ResultsWriter:
             for cid, iou in enumerate(() if ious is None else ious):
                 name = self.class_names[cid] if cid < len(self.class_names) else f"class_{cid}"
                 self._class_iou[(tid, it, cid)] = {
-                    "trial_id": tid, "iteration": it, "class_id": cid, "class_name": name, "iou": _num(iou)
+                    "trial_id": tid, "iteration": it, "class_id": cid, "class_name": name, "iou": num(iou)
                 }  # fmt: skip
         if now - self._last_flush >= self.flush_interval_s:
             self.flush()
@@ -315,45 +249,59 @@ class ResultsWriter:
         if status not in STATUSES:
             raise ValueError(f"status {status!r} of trial {trial_id} is not one of {', '.join(STATUSES)}")
         with self._lock:
-            st = self._trial(str(trial_id), None, start=False)
+            rec = self._trial(str(trial_id), None, start=False)
             last = max((it for (t, it) in self._curves if t == str(trial_id)), default=None)
             if status == "TERMINATED" and self.target_iterations and (last or 0) < self.target_iterations:
                 status = "STOPPED_EARLY"
-            st.update(status=status, error=short_error(error), ended_at=self.clock())
+            rec.status, rec.error, rec.ended_at = status, short_error(error), self.clock()
         self.flush()
 
-    # ---- tables -------------------------------------------------------------------------------
+    def scores(self, trial_id: str) -> dict[int, float]:
+        """The trial's val mIoU per reported iteration (NaN left out)."""
+        with self._lock:
+            return {
+                it: r["val_miou"]
+                for (t, it), r in self._curves.items()
+                if t == trial_id and r["val_miou"] is not None and not math.isnan(r["val_miou"])
+            }
 
-    @staticmethod
-    def _trial_row(tid: str, st: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Summary of one trial from its curve rows (sorted by iteration), so re-reports stay consistent."""
-        val = [
-            (r["iteration"], r["val_miou"])
-            for r in rows
-            if r["val_miou"] is not None and not math.isnan(r["val_miou"])
-        ]
-        best = max(val, key=lambda x: (x[1], -x[0]), default=(None, None))  # ties -> earliest iteration
-        end = st["ended_at"] or st["last_seen"]
-        first = st["first_report_at"]
-        rss = [r["peak_rss_mb"] for r in rows if r["peak_rss_mb"] is not None]
-        return {
-            "trial_id": tid, "status": st["status"], "error": st["error"], "searched": st["searched"],
-            "best_val_miou": best[1], "last_val_miou": val[-1][1] if val else None,
-            "iteration_of_best": best[0], "last_iteration": rows[-1]["iteration"] if rows else None,
-            "num_reports": len(rows), "wall_time_s": None if end is None else end - st["started_at"],
-            "worker_seconds": rows[-1]["worker_seconds"] if rows else None,
-            "peak_rss_mb": max(rss) if rss else None,
-            "time_to_first_report_s": None if first is None else first - st["started_at"],
-            "started_at": _ts(st["started_at"]), "ended_at": _ts(st["ended_at"]),
-        }  # fmt: skip
+    def on_fork(self, trial_id: str, iteration: int) -> None:
+        """The trial starts from the shared warm-up trunk at `iteration`."""
+        with self._lock:
+            self._trial(str(trial_id), None, start=False).forked_at = int(iteration)
+
+    def on_trunk(self, fork_at: int, memory_size: int, worker_seconds: float) -> None:
+        """The search's shared warm-up reached its fork, having cost `worker_seconds`; flushes."""
+        with self._lock:
+            self._trunk = {
+                "fork_at": int(fork_at), "memory_size": int(memory_size), "worker_seconds": float(worker_seconds),
+                "ended_at": ts(self.clock()),
+            }  # fmt: skip
+        self.flush()
+
+    def on_disk_use(self, trial_id: str, disk_bytes: int, best_checkpoint: str | None = None) -> None:
+        """What the ended trial keeps on storage, and the best checkpoint among it (None: none kept);
+        written with the next flush."""
+        with self._lock:
+            rec = self._trial(str(trial_id), None, start=False)
+            rec.disk_bytes, rec.kept, rec.retained = int(disk_bytes), best_checkpoint, True
+
+    def forget(self, trial_ids: set[str]) -> None:
+        """Drop every row of these trials (they run again under new ids after a resume)."""
+        with self._lock:
+            self._trials = {t: r for t, r in self._trials.items() if t not in trial_ids}
+            self._curves = {k: r for k, r in self._curves.items() if k[0] not in trial_ids}
+            self._class_iou = {k: r for k, r in self._class_iou.items() if k[0] not in trial_ids}
+
+    # ---- tables -------------------------------------------------------------------------------
 
     def tables(self) -> dict[str, pa.Table]:
         """The three tables as they stand (sorted by key), with exact schemas."""
         with self._lock:
-            keys = sorted({k for st in self._trials.values() for k in st["config"]})
+            keys = sorted({k for rec in self._trials.values() for k in rec.config})
             types, json_cols = {}, []
             for k in keys:
-                types[k], is_json = _column_type(st["config"].get(k) for st in self._trials.values())
+                types[k], is_json = column_type(rec.config.get(k) for rec in self._trials.values())
                 if is_json:
                     json_cols.append(k)
             curves = [self._curves[k] for k in sorted(self._curves)]
@@ -362,11 +310,11 @@ class ResultsWriter:
                 by_trial.setdefault(r["trial_id"], []).append(r)
             rows = []
             for tid in sorted(self._trials):
-                st = self._trials[tid]
-                row = self._trial_row(tid, st, by_trial.get(tid, []))
+                rec = self._trials[tid]
+                row = rec.summary(tid, by_trial.get(tid, []))
                 for k in keys:
-                    v = st["config"].get(k)
-                    row[k] = _to_json(v) if k in json_cols and v is not None else v
+                    v = rec.config.get(k)
+                    row[k] = to_json(v) if k in json_cols and v is not None else v
                 rows.append(row)
             schema = trials_schema(types, json_cols)
             ious = [self._class_iou[k] for k in sorted(self._class_iou)]
@@ -374,108 +322,35 @@ class ResultsWriter:
             "trials": pa.Table.from_pylist(rows, schema=schema),
             "curves": pa.Table.from_pylist(curves, schema=CURVES_SCHEMA),
             "class_iou": pa.Table.from_pylist(ious, schema=CLASS_IOU_SCHEMA),
+            "trunk": pa.Table.from_pylist([self._trunk] if self._trunk else [], schema=TRUNK_SCHEMA),
         }
 
     def flush(self) -> None:
-        """Write all three tables atomically, `trials` first (see the module docstring)."""
+        """Write the tables atomically, `trials` first (see the module docstring); `trunk` only when the
+        search shares its warm-up."""
         tables = self.tables()
         for name in TABLES:
-            write_bytes_atomic(self.fs, self.path(name), _table_bytes(tables[name]))
+            if name != "trunk" or self._trunk is not None:
+                write_atomic(self.fs, self.path(name), _table_bytes(tables[name]))
         self._last_flush = self.clock()
 
     def load_existing(self) -> int:
         """Start from the tables on disk (resumed search); rows already in memory win. Returns #trials loaded."""
-        if not _exists(self.fs, self.path("trials")):
+        if not exists(self.fs, self.path("trials")):
             return 0
-        loaded = _read_tables(self.fs, self.dir, required=False)  # a crash may have cut the first flush short
-        json_cols = _json_columns(loaded["trials"].schema)
+        loaded = read_tables(self.fs, self.dir, required=False)  # a crash may have cut the first flush short
+        json_cols = json_columns(loaded["trials"].schema)
         with self._lock:
             for r in loaded["curves"].to_pylist():
                 self._curves.setdefault((r["trial_id"], r["iteration"]), r)
             for r in loaded["class_iou"].to_pylist():
                 self._class_iou.setdefault((r["trial_id"], r["iteration"], r["class_id"]), r)
+            trunk = loaded["trunk"].to_pylist()
+            self._trunk = self._trunk or (trunk[0] if trunk else None)
             n = 0
             for r in loaded["trials"].to_pylist():
                 if r["trial_id"] in self._trials:
                     continue
-                started = r["started_at"].timestamp() if r["started_at"] else self.clock()
-                ended = r["ended_at"].timestamp() if r["ended_at"] else None
-                ttfr, wall = r["time_to_first_report_s"], r["wall_time_s"]
-                self._trials[r["trial_id"]] = {
-                    "status": r["status"], "error": r["error"], "searched": r["searched"] or [],
-                    "config": _decode_config(r, json_cols), "started_at": started, "ended_at": ended,
-                    "start_known": ttfr is not None or not r["num_reports"],
-                    "first_report_at": None if ttfr is None else started + ttfr,
-                    "last_seen": None if wall is None else started + wall,
-                }  # fmt: skip
+                self._trials[r["trial_id"]] = TrialRecord.from_row(r, json_cols, self.clock())
                 n += 1
         return n
-
-
-# ------------------------------------------------------------------------------------------- readers
-
-
-def _json_columns(schema: pa.Schema) -> list[str]:
-    meta = schema.metadata or {}
-    return json.loads(meta.get(JSON_COLUMNS_KEY, b"[]"))
-
-
-def _decode_config(row: Mapping[str, Any], json_columns: Iterable[str]) -> dict[str, Any]:
-    js = set(json_columns)
-    out = {}
-    for k, v in row.items():
-        if "." not in k:  # hyperparameter columns are exactly the dotted keys
-            continue
-        v = None if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)) else _plain(v)
-        out[k] = json.loads(v) if k in js and isinstance(v, str) else v
-    return out
-
-
-def trial_config(trials: pd.DataFrame, trial_id: str) -> dict[str, Any]:
-    """Flattened config (dotted keys -> Python values) of one trial of a `load_results()["trials"]` frame."""
-    match = trials[trials["trial_id"] == trial_id]
-    if match.empty:
-        raise KeyError(f"trial {trial_id!r} is not in the trials table")
-    return _decode_config(match.iloc[0].to_dict(), trials.attrs.get("json_columns", []))
-
-
-def _tables_dir(fs: pafs.FileSystem, path: str) -> str:
-    """`path` itself when it is a tables dir (named `tables/` or holding trials.parquet), else `path/tables`."""
-    if posixpath.basename(path.rstrip("/")) == "tables" or _exists(
-        fs, posixpath.join(path, "trials.parquet")
-    ):
-        return path
-    return posixpath.join(path, "tables")
-
-
-def _read_tables(fs: pafs.FileSystem, tables_dir: str, required: bool = True) -> dict[str, pa.Table]:
-    out = {}
-    empty = {"curves": CURVES_SCHEMA, "class_iou": CLASS_IOU_SCHEMA}
-    for name in TABLES:
-        p = posixpath.join(tables_dir, f"{name}.parquet")
-        if not required and name in empty and not _exists(fs, p):
-            out[name] = empty[name].empty_table()
-            continue
-        if not _exists(fs, p):
-            raise FileNotFoundError(
-                f"results table {p} not found; `raycontrast tune --config FILE` creates the tables under "
-                f"<run.storage_path>/<run.name>/tables/ (pass the experiment dir or its tables/ dir)"
-            )
-        out[name] = pq.read_table(p, filesystem=fs)
-    return out
-
-
-def load_results(
-    path: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None
-) -> dict[str, pd.DataFrame]:
-    """The tables as DataFrames: {"trials", "curves", "class_iou"}; `path` is the experiment or tables dir.
-
-    In `trials`, int/bool columns are pandas nullable dtypes; `attrs["json_columns"]` names JSON-string
-    columns (decode one trial's config with `trial_config`).
-    """
-    fs, p = resolve_path(path, filesystem)
-    tables = _read_tables(fs, _tables_dir(fs, p))
-    mapper = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}.get
-    out = {name: t.to_pandas(types_mapper=mapper if name == "trials" else None) for name, t in tables.items()}
-    out["trials"].attrs["json_columns"] = _json_columns(tables["trials"].schema)
-    return out

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycontrast.config import Config, ConfigError, _check_key, apply_overrides
+from raycontrast.config import Config, ConfigError, apply_overrides, check_key
 
 Kind = Literal["loguniform", "uniform", "int", "choice"]
 KINDS: tuple[Kind, ...] = ("loguniform", "uniform", "int", "choice")
@@ -47,7 +47,7 @@ def _parse_one(key: str, spec: Any) -> Param:
     if any(key.startswith(p) for p in _NOT_SEARCHABLE):
         raise ConfigError(f"{where}: '{key}' cannot be searched (run.* and tune.* are fixed per search)", key)
     try:
-        _check_key(key)
+        check_key(key)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}", key) from None
     if not isinstance(spec, Mapping) or len(spec) != 1:

@@ -1,38 +1,81 @@
-"""Ray Tune glue: a search over dotted config keys with OptunaSearch (TPE) and ASHA, run or resumed.
+"""Ray Tune glue: a search over dotted config keys with Optuna (TPE) and ASHA, run or resumed.
 
-One trial is one Ray Train run: a small driver function applies the trial's dotted parameters to the base
-config and fits a `TorchTrainer` (`train.build_trainer`) named after the trial id, so a restarted or resumed
-trial continues from its own Train checkpoints. `TuneReportCallback` forwards every rank-0 report (one per
-evaluation window) to Tune, where ASHA compares `val_miou` at iteration milestones. A Tune callback feeds
-`results.ResultsWriter`, so the tables under `<storage>/<run.name>/tables/` are rewritten as trials report
-and end, and a crashed search still leaves consistent tables.
+One trial is one Ray Train run: a small driver function applies the trial's dotted parameters to the config
+and fits a `TorchTrainer` (`train.build_trainer`) named after the trial id, so a restarted or resumed trial
+continues from its own Train checkpoints. `TuneReportCallback` forwards every rank-0 report (one per
+evaluation window) to Tune; `search.RungScheduler` (ASHA), `search.SearchSchedule` (Optuna) and
+`search.TablesCallback` (the Parquet tables) take it from there.
+
+A search keeps one consistent state across stops and restarts: one driver at a time (`lease.Lease`), the
+config and package versions it was started with (`experiment.ExperimentRecord`, checked on `--resume`),
+ASHA's rungs on storage, trials that started after Tune's last saved state forgotten rather than doubled,
+and SIGTERM (what `ray job stop` sends) turned into Tune's graceful stop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import socket
-import statistics
+import posixpath
+import signal
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import ray
 from ray import tune
-from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from raycontrast.config import Config, ConfigError, apply_overrides, flatten
-from raycontrast.plan import Plan, check_shared_storage, mount_fs_type, plan_resources
-from raycontrast.results import ResultsWriter, load_results, resolve_path, trial_config
+from raycontrast.checkpoint import checkpoint_iteration, list_checkpoints, load_latest, save_state
+from raycontrast.config import Config, ConfigError, apply_overrides
+from raycontrast.data.info import dataset_info
+from raycontrast.engine import NonFiniteLossError
+from raycontrast.experiment import record_start
+from raycontrast.lease import Lease
+from raycontrast.loop import LoopOptions
+from raycontrast.plan import Plan, plan_resources, wait_until_fit
+from raycontrast.preflight import check_nodes
+from raycontrast.results import TRUNK_ID, ResultsWriter, load_results
+from raycontrast.rungs import Rungs
+from raycontrast.search import (
+    DIVERGED_KEY,
+    METRIC,
+    MODE,
+    SCHEDULER_FILE,
+    RungScheduler,
+    SearchSchedule,
+    TablesCallback,
+    asha_schedule,
+    decode_params,
+)
 from raycontrast.space import Param, initial_points, parse_space
+from raycontrast.storage import (
+    Storage,
+    absolute_paths,
+    check_run_dir,
+    check_shared_storage,
+    exists,
+    locate,
+    mount_fs_type,
+    run_storage,
+    write_atomic,
+)
+from raycontrast.summary import SearchOutcome, summarise_search
+from raycontrast.tables import TABLES
+from raycontrast.train import (
+    abandon,
+    build_trainer,
+    checkpoint_dir_name,
+    divergence,
+    init_ray,
+    record_divergence,
+)
+from raycontrast.trunk import Sharing, TrunkReports, fork_state, plan_sharing, prefix_report, read_reports
 
-__all__ = ["SearchOutcome", "decode_params", "run_search", "to_tune_space"]
-
-METRIC, MODE = "val_miou", "max"
+__all__ = ["DIVERGED_KEY", "METRIC", "MODE", "SearchOutcome", "decode_params", "run_search", "to_tune_space"]
 
 
 # ------------------------------------------------------------------------------------------- space
@@ -68,40 +111,7 @@ def _encode_points(points: list[dict[str, Any]], json_keys: set[str]) -> list[di
     return [{k: json.dumps(v) if k in json_keys else v for k, v in pt.items()} for pt in points]
 
 
-def decode_params(params: Mapping[str, Any], json_keys: set[str] | frozenset[str]) -> dict[str, Any]:
-    """A trial's sampled values as config overrides (JSON-encoded choices decoded, numpy scalars unwrapped)."""
-    out = {}
-    for k, v in params.items():
-        v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v
-        out[k] = json.loads(v) if k in json_keys and isinstance(v, str) else v
-    return out
-
-
-# ------------------------------------------------------------------------------------------ ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init_ray(address: str | None) -> None:
-    """Connect (`address` / RAY_ADDRESS), else start a local instance with its dashboard on 127.0.0.1.
-
-    Ray Train's placement-group cleaner finds the State API by auto-detection, which fails when another Ray
-    instance runs on the same machine; early-stopped trials then leak their workers' placement group and
-    the next trial waits forever. Pinning the dashboard port and exporting RAY_API_SERVER_ADDRESS before
-    the raylet starts gives every Ray process of this instance the right address.
-    """
-    from raycontrast.train import init_ray
-
-    if ray.is_initialized() or address or os.environ.get("RAY_ADDRESS"):
-        init_ray(address)
-        return
-    port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=port)
+# ---------------------------------------------------------------------------------------- trials
 
 
 def _worker_overrides(cfg: Config, plan: Plan) -> dict[str, Any]:
@@ -110,202 +120,87 @@ def _worker_overrides(cfg: Config, plan: Plan) -> dict[str, Any]:
     return {"train.cpus_per_worker": plan.worker_cpus, "train.threads_per_worker": threads}
 
 
-# ---------------------------------------------------------------------------------- trial + tables
+def _make_trial_driver(
+    base: dict[str, Any], json_keys: frozenset[str], plan: Plan, sharing: Sharing, exp_root: str, fs: Any
+):
+    """The Tune function trainable: trial params -> Config -> one TorchTrainer fit of
+    `<exp_root>/train_runs/<name>-train-<trial id>`.
 
-
-def _make_trial_driver(base: dict[str, Any], json_keys: frozenset[str], plan: Plan, train_root: str, fs: Any):
-    """The Tune function trainable: trial params -> Config -> one TorchTrainer fit."""
+    With a shared warm-up, a trial's first start writes its fork of the trunk's checkpoint into its run
+    folder (the run resumes from it) and every start reports the trunk's evaluations as its own first
+    ones, as the same trial from scratch would. A diverged run (non-finite losses) is reported once with
+    `DIVERGED_KEY` and then raised: the tables callback tells Tune not to retry it, and a marker in the run
+    folder makes a restarted or resumed trial fail at once instead of training again.
+    """
+    train_root, trunk_root = posixpath.join(exp_root, "train_runs"), posixpath.join(exp_root, TRUNK_ID)
 
     def trial(params: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        from raycontrast.train import build_trainer
-
         cfg = apply_overrides(Config.model_validate(base), decode_params(params, json_keys), "trial params")
-        trial_id = tune.get_context().get_trial_id()
-        run_cfg = apply_overrides(cfg, _worker_overrides(cfg, plan))
-        build_trainer(
-            run_cfg,
-            name=f"{cfg.run.name}-train-{trial_id}",  # stable per trial: a restart resumes its checkpoints
-            storage_path=train_root,
-            storage_filesystem=fs,
-            callbacks=[TuneReportCallback()],
-        ).fit()
+        name = f"{cfg.run.name}-train-{tune.get_context().get_trial_id()}"  # stable: a restart resumes it
+        run_fs, run_path = locate(posixpath.join(train_root, name), fs)
+        detail = divergence(run_fs, run_path) if exists(run_fs, run_path) else None
+        if detail is None and sharing.enabled:
+            _start_from_trunk(cfg, sharing, run_fs, run_path, *locate(trunk_root, fs))
+        if detail is None:
+            run_cfg = apply_overrides(cfg, _worker_overrides(cfg, plan))
+            trainer = build_trainer(
+                run_cfg, name=name, storage_path=train_root, storage_filesystem=fs, callbacks=[TuneReportCallback()],
+                placement=plan.placement, exclude_nodes=plan.excluded, in_tune=True,
+            )  # fmt: skip
+            summary = trainer.fit().return_value or {}
+            if (detail := summary.get("diverged")) is not None:
+                record_divergence(run_fs, run_path, detail)
+        if detail is not None:
+            tune.report({"iteration": -1, METRIC: math.nan, DIVERGED_KEY: detail})
+            raise NonFiniteLossError(detail)
 
     return trial
 
 
-def _trial_error(trial: Any) -> str:
-    """Text of a failed trial's error (Tune appends one entry per failure to its error file)."""
-    path = trial.error_file  # on the driver's disk, written before on_trial_error is called
-    if path and os.path.exists(path):
-        with open(path) as f:
-            return f.read()
-    return "unknown error (no error file)"
+def _start_from_trunk(
+    cfg: Config, sharing: Sharing, fs: Any, run_path: str, trunk_fs: Any, trunk_path: str
+) -> None:
+    """Fork the trunk into a trial's empty run folder, then report the trunk's evaluations as the trial's."""
+    if not list_checkpoints(fs, run_path):
+        loaded = load_latest(trunk_fs, trunk_path)
+        if loaded.state is None or loaded.state["iteration"] != sharing.fork_at:
+            raise RuntimeError(f"the shared warm-up trunk at {trunk_path} has no checkpoint at its fork")
+        forked = fork_state(loaded.state, cfg, sharing.sizes)
+        save_state(fs, posixpath.join(run_path, checkpoint_dir_name(sharing.fork_at)), forked)
+    for report in read_reports(trunk_fs, trunk_path):
+        tune.report(prefix_report(report, cfg.memory.size))
 
 
-class TablesCallback(Callback):
-    """Feeds `ResultsWriter` from Tune's trial events. The writer is made in `setup` (on resume it first
-    loads the tables on storage), so this object stays picklable into Tune's saved tuner state."""
-
-    def __init__(self, base: dict[str, Any], json_keys: frozenset[str], tables_dir: str, fs: Any) -> None:
-        self.base, self.json_keys, self.tables_dir, self.fs = base, json_keys, tables_dir, fs
-        self.writer: ResultsWriter | None = None
-        self._flat: dict[str, dict[str, Any]] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "writer": None, "_flat": {}}
-
-    def setup(self, **info: Any) -> None:
-        from raycontrast.data.loader import dataset_info
-
-        cfg = Config.model_validate(self.base)
-        self.writer = ResultsWriter(
-            self.tables_dir,
-            class_names=list(dataset_info(cfg.data.dataset)[1]),
-            searched_keys=[p.key for p in parse_space(cfg)],
-            filesystem=self.fs,
-            target_iterations=cfg.train.iterations,  # TERMINATED short of it -> STOPPED_EARLY (ASHA)
-        )
-        if n := self.writer.load_existing():
-            print(f"tables: continuing {n} trial(s) from {self.tables_dir}", flush=True)
-
-    def _config(self, trial: Any) -> dict[str, Any]:
-        """The trial's full config, flattened: every searched and fixed key becomes a column."""
-        if trial.trial_id not in self._flat:
-            params = decode_params(trial.config, self.json_keys)
-            self._flat[trial.trial_id] = flatten(apply_overrides(Config.model_validate(self.base), params))
-        return self._flat[trial.trial_id]
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.writer.on_trial_start(trial.trial_id, self._config(trial))
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self.writer.on_report(trial.trial_id, self._config(trial), result)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.writer.on_trial_end(trial.trial_id, "TERMINATED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.writer.on_trial_end(trial.trial_id, "ERROR", error=_trial_error(trial))
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.writer.flush()
+def _run_trunk(cfg: Config, storage: Storage, plan: Plan, sharing: Sharing) -> None:
+    """Train the shared warm-up once, as Train run `<experiment>/trunk` (resumable like a trial), and record
+    its cost in the `trunk` table. Nothing to do when it reached its fork."""
+    name, fs = cfg.run.name, storage.fs
+    run_path = storage.path(name, TRUNK_ID)
+    if any(checkpoint_iteration(p) == sharing.fork_at for p in list_checkpoints(fs, run_path)):
+        return
+    trunk_cfg = apply_overrides(cfg, {"memory.size": sharing.trunk_memory, **_worker_overrides(cfg, plan)})
+    print(f"shared warm-up: training iterations 1-{sharing.fork_at} once, at {run_path}", flush=True)
+    summary = build_trainer(
+        trunk_cfg, name=TRUNK_ID, storage_path=storage.ray(name), storage_filesystem=storage.ray_fs,
+        placement=plan.placement, exclude_nodes=plan.excluded, hooks=TrunkReports(fs, run_path),
+        options=LoopOptions(stop_at=sharing.fork_at, fill_sizes=sharing.sizes),
+    ).fit().return_value  # fmt: skip
+    if summary.get("diverged"):
+        raise NonFiniteLossError(f"{summary['diverged']} (in the shared warm-up: every trial would diverge)")
+    writer = ResultsWriter(storage.path(name, "tables"), class_names=[], searched_keys=[], filesystem=fs)
+    writer.load_existing()
+    writer.on_trunk(sharing.fork_at, sharing.trunk_memory, summary["worker_seconds"])
 
 
-# -------------------------------------------------------------------------------------------- search
+# -------------------------------------------------------------------------------------- checks
 
 
-@dataclass(frozen=True)
-class SearchOutcome:
-    """What a search left behind; `best_*` come from the trials table (best val mIoU over its reports)."""
-
-    experiment_path: str  # <storage>/<run.name> on `filesystem` (None: local or URI)
-    tables_path: str
-    filesystem: Any
-    best_trial_id: str | None
-    best_val_miou: float | None
-    best_params: dict[str, Any]
-    best_config: Config | None
-    status_counts: dict[str, int] = field(default_factory=dict)
-    num_trials: int = 0
-    num_finished: int = 0  # TERMINATED + STOPPED_EARLY
-    num_errors: int = 0
-    interrupted: bool = False
-    median_first_report_s: float | None = None  # trial start to first report
-    median_startup_s: float | None = None  # the same minus the first window's training + evaluation
-    worker_seconds: float = 0.0
-    wall_s: float = 0.0
-
-
-def _summarise(cfg: Config, exp_path: str, fs: Any, searched: list[str], wall_s: float, interrupted: bool):
-    """Outcome from the tables on storage (what users and `analyze` see), printed as a short summary."""
-    try:
-        tables = load_results(exp_path, filesystem=fs)
-    except FileNotFoundError:  # stopped before any trial started
-        print(f"\nsearch '{cfg.run.name}': no trial started; tables: none")
-        return SearchOutcome(
-            exp_path, f"{exp_path}/tables", fs, None, None, {}, None, interrupted=interrupted
-        )
-    trials, curves = tables["trials"], tables["curves"]
-    counts = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
-    done = trials[trials["status"].isin(["TERMINATED", "STOPPED_EARLY"]) & trials["best_val_miou"].notna()]
-    ranked = done.sort_values("best_val_miou", ascending=False, kind="stable")
-    picks = {}  # "best" / "worst" -> (table row, searched params as Python values)
-    for label, row in (("best", ranked.head(1)), ("worst", ranked.tail(1))):
-        for r in row.itertuples(index=False):
-            flat = trial_config(trials, r.trial_id)
-            picks[label] = (r, {k: flat.get(k) for k in searched})
-    firsts = curves.sort_values("iteration").groupby("trial_id")["time_s"].first()
-    ttfr = trials.set_index("trial_id")["time_to_first_report_s"].dropna()
-    startup = [ttfr[t] - firsts[t] for t in ttfr.index if t in firsts.index]
-    best_row, best_params = picks.get("best", (None, {}))
-    outcome = SearchOutcome(
-        experiment_path=exp_path,
-        tables_path=f"{exp_path}/tables",
-        filesystem=fs,
-        best_trial_id=None if best_row is None else str(best_row.trial_id),
-        best_val_miou=None if best_row is None else float(best_row.best_val_miou),
-        best_params=best_params,
-        best_config=None if best_row is None else apply_overrides(cfg, best_params),
-        status_counts=counts,
-        num_trials=len(trials),
-        num_finished=counts.get("TERMINATED", 0) + counts.get("STOPPED_EARLY", 0),
-        num_errors=counts.get("ERROR", 0),
-        interrupted=interrupted,
-        median_first_report_s=float(statistics.median(ttfr)) if len(ttfr) else None,
-        median_startup_s=float(statistics.median(startup)) if startup else None,
-        worker_seconds=float(trials["worker_seconds"].fillna(0).sum()),
-        wall_s=wall_s,
-    )
-    lines = [f"\nsearch '{cfg.run.name}': {outcome.num_trials} trials {counts} in {wall_s:.0f} s"]
-    for label, (r, ps) in picks.items():
-        lines.append(
-            f"  {label:<5}: trial {r.trial_id} val mIoU {r.best_val_miou:.4f} @ it {r.iteration_of_best} | {ps}"
-        )
-    for r in trials[trials["status"] == "ERROR"].itertuples(index=False):
-        lines.append(f"  error: trial {r.trial_id}: {r.error}")
-    if outcome.median_first_report_s is not None:
-        lines.append(
-            f"  per trial (median): {outcome.median_first_report_s:.1f} s from start to first report, of "
-            f"which {outcome.median_startup_s or 0:.1f} s start-up (Tune + Train actors, model, data)"
-        )
-    lines.append(f"  worker-seconds: {outcome.worker_seconds:.0f}\n  tables: {outcome.tables_path}")
-    if interrupted:
-        lines.append("  interrupted: run again with --resume to finish the search")
-    print("\n".join(lines), flush=True)
-    return outcome
-
-
-def run_search(cfg: Config, *, resume: bool = False, address: str | None = None) -> SearchOutcome:
-    """Search `cfg.tune.space` as experiment `<run.storage_path>/<run.name>`; `resume` continues it.
-
-    Config, space and storage errors are raised (`ConfigError`) before Ray starts; resource errors before
-    any trial is launched.
-    """
-    t0 = time.time()
-    params = parse_space(cfg)
-    points = initial_points(cfg, params)
-    json_keys = frozenset(_json_keys(params))
-
-    from raycontrast.train import resolve_storage
-
-    root, fs = resolve_storage(cfg)
-    exp_path = f"{root.rstrip('/')}/{cfg.run.name}"
-    pfs, p = resolve_path(exp_path, fs)
-    exists = pfs.get_file_info(p).type.name != "NotFound"
-    if exists and not resume:
-        raise ConfigError(
-            f"run.name: an experiment '{cfg.run.name}' already exists at {exp_path}; pass --resume to continue "
-            "it, or choose another run.name",
-            "run.name",
-        )
-    if resume and not tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
-        where = "holds no Tune state (it stopped before its first save)" if exists else "does not exist"
-        raise ConfigError(f"run.name: --resume: {exp_path} {where}; run without --resume", "run.name")
-    sched = cfg.tune.scheduler
-    grace, max_t = cfg.tune.grace_period * cfg.train.eval_interval, cfg.train.iterations
-    if sched == "asha" and grace >= max_t:
+def _check_schedule(cfg: Config) -> None:
+    """A grace period ASHA could never act on is an error."""
+    grace, max_t, _ = asha_schedule(cfg)
+    if cfg.tune.scheduler == "asha" and grace >= max_t:
         raise ConfigError(
             f"tune.grace_period: {cfg.tune.grace_period} evaluations x train.eval_interval "
             f"{cfg.train.eval_interval} = {grace} iterations >= train.iterations {max_t}: ASHA could never "
@@ -313,49 +208,160 @@ def run_search(cfg: Config, *, resume: bool = False, address: str | None = None)
             "tune.grace_period",
         )
 
-    _init_ray(address)
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    check_shared_storage(cfg.run.storage_path, len(nodes), None if fs else mount_fs_type(root))
-    res = ray.cluster_resources()
-    plan = plan_resources(res.get("CPU", 0.0), res.get("GPU", 0.0), cfg, node_resources=nodes)
-    print(plan.describe(), flush=True)
 
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
+
+
+def _plan(cfg: Config, storage: Storage) -> Plan:
+    """Wait for the cluster to hold a trial (`tune.wait_for_resources_s`), check every node
+    (`preflight.check_nodes`), then plan the trials on what is left, and print the plan."""
+    res = wait_until_fit(
+        cfg, ray.cluster_resources, wait_s=cfg.tune.wait_for_resources_s, request=_request_resources
+    )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check_shared_storage(
+        cfg.run.storage_path, len(nodes), mount_fs_type(storage.root) if storage.is_local else None
+    )
+    excluded = check_nodes(cfg, storage.fs, storage.path(cfg.run.name))
+    info, c = dataset_info(cfg.data.dataset), cfg.data.canvases
+    plan = plan_resources(
+        res.get("CPU", 0.0), res.get("GPU", 0.0), cfg, node_resources=[n.get("Resources", {}) for n in nodes],
+        node_ids=[n["NodeID"] for n in nodes], excluded=excluded, val_size=info.image_size or (c.height, c.width),
+    )  # fmt: skip
+    print(plan.describe(), flush=True)
+    return plan
+
+
+# -------------------------------------------------------------------------------------- resume
+
+
+def _forget_orphans(storage: Storage, name: str) -> None:
+    """Trials that started after Tune's last saved state are unknown to it: Tune's restored searcher will
+    suggest them again under new ids. Drop their rows, rungs and Train runs, so nothing is counted twice."""
+    folder = storage.path(name)
+    known = {
+        t.trial_id
+        for t in tune.ExperimentAnalysis(storage.ray(name), storage_filesystem=storage.ray_fs).trials
+    }
+    try:
+        tables = load_results(folder, filesystem=storage.fs)
+    except FileNotFoundError:
+        return
+    orphans = set(tables["trials"]["trial_id"]) - known
+    if not orphans:
+        return
+    print(
+        f"resume: {len(orphans)} trial(s) started after the last saved search state run again: {sorted(orphans)}"
+    )
+    writer = ResultsWriter(
+        posixpath.join(folder, "tables"), class_names=[], searched_keys=[], filesystem=storage.fs
+    )
+    writer.load_existing()
+    writer.forget(orphans)
+    writer.flush()
+    rungs_path = posixpath.join(folder, SCHEDULER_FILE)
+    if exists(storage.fs, rungs_path):
+        with storage.fs.open_input_stream(rungs_path) as f:
+            rungs = Rungs.from_dict(json.loads(f.read()))
+        rungs.forget(orphans)
+        write_atomic(storage.fs, rungs_path, json.dumps(rungs.to_dict()).encode())
+    for tid in orphans:
+        run = storage.path(name, "train_runs", f"{name}-train-{tid}")
+        if exists(storage.fs, run):
+            storage.fs.delete_dir(run)
+
+
+@contextlib.contextmanager
+def _sigterm_stops_gracefully() -> Iterator[None]:
+    """SIGTERM (what `ray job stop` sends, SIGKILL following after RAY_JOB_STOP_WAIT_TIME_S) becomes
+    SIGUSR1, Tune's graceful stop: the experiment state is saved one last time."""
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: os.kill(os.getpid(), signal.SIGUSR1))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _tuner(
+    cfg: Config, storage: Storage, plan: Plan, sharing: Sharing, params: list[Param], resume: bool
+) -> tune.Tuner:
+    name, json_keys = cfg.run.name, frozenset(_json_keys(params))
     base = cfg.model_dump(mode="json")
-    driver = _make_trial_driver(base, json_keys, plan, f"{exp_path}/train_runs", fs)
-    trainable = tune.with_resources(driver, {"cpu": plan.driver_cpus})
+    driver = _make_trial_driver(base, json_keys, plan, sharing, storage.ray(name), storage.ray_fs)
+    trainable = tune.with_resources(driver, plan.driver_resources())
     if resume:
-        print(f"resuming search from {exp_path}", flush=True)
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        # ASHA's clock is our `iteration` metric, not Tune's report count: a trial resumed from an older
-        # checkpoint re-reports iterations, which would push training_iteration past max_t early.
-        scheduler = FIFOScheduler()
-        if sched == "asha":
-            asha = {"max_t": max_t, "grace_period": grace, "reduction_factor": cfg.tune.reduction_factor}
-            scheduler = ASHAScheduler(time_attr="iteration", **asha)
-        callback = TablesCallback(base, json_keys, f"{exp_path}/tables", fs)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune_space(params),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,  # set once here: passed on to OptunaSearch and ASHA
-                mode=MODE,
-                search_alg=OptunaSearch(
-                    points_to_evaluate=_encode_points(points, json_keys) or None, seed=cfg.run.seed
-                ),
-                scheduler=scheduler,
-                num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=plan.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.run.name,
-                storage_path=root,
-                storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
-                callbacks=[callback],
-                verbose=1,
-            ),
+        print(f"resuming search from {storage.ray(name)}", flush=True)
+        return tune.Tuner.restore(
+            storage.ray(name), trainable=trainable, resume_errored=True, storage_filesystem=storage.ray_fs
         )
-    grid = tuner.fit()
-    interrupted = grid.num_terminated + grid.num_errors < cfg.tune.num_samples
-    return _summarise(cfg, exp_path, fs, [p.key for p in params], time.time() - t0, interrupted)
+    folder = storage.path(name)
+    points = _encode_points(initial_points(cfg, params), json_keys) or None
+    searcher = SearchSchedule(OptunaSearch(points_to_evaluate=points, seed=cfg.run.seed), storage.fs, folder)
+    scheduler = RungScheduler(storage.fs, folder) if cfg.tune.scheduler == "asha" else FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(params),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,  # set once here: passed on to the searcher and the scheduler
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=-1,  # the searcher counts (tune.num_samples of the record: a resume may raise it)
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage.ray_path,
+            storage_filesystem=storage.ray_fs,
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+            callbacks=[TablesCallback(json_keys, storage.fs, folder)],
+            verbose=1,
+        ),
+    )
+
+
+def run_search(
+    cfg: Config, *, resume: bool = False, address: str | None = None, accept: Iterable[str] = ()
+) -> SearchOutcome:
+    """Search `cfg.tune.space` as experiment `<run.storage_path>/<run.name>`; `resume` continues it
+    (`accept`: keys of `experiment.ACCEPTABLE` the resume may change).
+
+    Config, space, storage, lease and drift errors are raised (`ConfigError`) before Ray starts; resource
+    errors before any trial is launched.
+    """
+    t0 = time.time()
+    cfg = absolute_paths(cfg)
+    params = parse_space(cfg)
+    initial_points(cfg, params)  # validated before anything starts
+    storage, name = run_storage(cfg), cfg.run.name
+    check_run_dir(storage, name, resume=resume, noun="experiment")
+    if resume and not tune.Tuner.can_restore(storage.ray(name), storage_filesystem=storage.ray_fs):
+        raise ConfigError(
+            f"run.name: --resume: {storage.ray(name)} holds no Tune state (it stopped before its first save); "
+            "run without --resume",
+            "run.name",
+        )
+    _check_schedule(cfg)
+    what = f"experiment '{name}'"
+    with Lease(storage.fs, storage.path(name), timeout_s=cfg.run.lease_timeout_s, what=what, on_lost=abandon):
+        record_start(storage.fs, storage.path(name), cfg, resume=resume, accept=accept, what=what)
+        init_ray(address)
+        plan, sharing = _plan(cfg, storage), plan_sharing(cfg, params)
+        print(sharing.describe(cfg), flush=True)
+        if resume:
+            _forget_orphans(storage, name)
+        if sharing.enabled:
+            _run_trunk(cfg, storage, plan, sharing)
+        tuner = _tuner(cfg, storage, plan, sharing, params, resume)
+        with _sigterm_stops_gracefully():
+            tuner.fit()
+    tables = storage.path(name, "tables")
+    done = 0
+    if exists(storage.fs, posixpath.join(tables, f"{TABLES[0]}.parquet")):
+        trials = load_results(tables, filesystem=storage.fs)["trials"]
+        done = int((trials["status"] != "RUNNING").sum())
+    interrupted = done < cfg.tune.num_samples
+    searched = [p.key for p in params]
+    return summarise_search(cfg, storage.path(name), storage.fs, searched, time.time() - t0, interrupted)

@@ -105,7 +105,7 @@ def test_best_trial_and_config(search):
     assert cfg.loss.weight == pytest.approx(trials.loc[best_id, "loss.weight"])
     assert cfg.memory.size == trials.loc[best_id, "memory.size"]
     assert cfg.tune.space == load_config(SMOKE).tune.space  # tune/run sections come through as in the table
-    assert cfg.run.name == "smoke"
+    assert cfg.run.name == "smoke-best"  # retraining it does not collide with the search's own run folder
     assert report.best_config["loss"]["temperature"] == pytest.approx(expected[best_id][0])
     assert Path(report.paths["best_config"]).parent == exp / "analysis"
 

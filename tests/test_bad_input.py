@@ -101,6 +101,18 @@ CASES: dict[str, Case] = {
         _write("typo.yaml", "trian: {iterations: 5}\n"),
         config=None,
     ),
+    "removed key: ignore label": Case(
+        "train",
+        ("--set", "loss.ignore_index=254", "--set", "train.workers=0"),
+        ("loss.ignore_index", "was removed", "a fact of the dataset", "delete the key"),
+    ),
+    "removed key in a file": Case(
+        "train",
+        ("--config", "old.yaml"),
+        ("loss.ignore_index", "was removed", "delete the key"),
+        _write("old.yaml", "loss: {ignore_index: 255}\n"),
+        config=None,
+    ),
     "wrong type": Case(
         "train", ("--set", "train.iterations=many"), ("train.iterations", "valid integer", "'many'")
     ),
@@ -275,7 +287,9 @@ CASES: dict[str, Case] = {
         lambda tmp: (tmp / "results" / "smoke").mkdir(parents=True),
     ),
     "--resume of a missing search": Case(
-        "tune", ("--resume",), ("run.name", "no experiment named 'smoke'", "start it without --resume")
+        "tune",
+        ("--resume",),
+        ("run.name", "no experiment named 'smoke'", "does not exist; run without --resume"),
     ),
 }
 
@@ -447,7 +461,7 @@ def test_resources_follow_the_numbers_and_skip_clusters() -> None:
 def test_multi_node_search_with_a_local_path_is_refused() -> None:
     """Known only after connecting: `tune.run_search` calls this with the live node count."""
     from raycontrast.config import ConfigError
-    from raycontrast.plan import check_shared_storage
+    from raycontrast.storage import check_shared_storage
 
     with pytest.raises(
         ConfigError, match="cluster has 3 nodes.*local path.*shared mount \\(NFS\\) or s3://"

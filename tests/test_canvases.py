@@ -19,7 +19,8 @@ from raycontrast.data.canvases import (
     generate_canvases,
     save_npz_atomic,
 )
-from raycontrast.data.loader import build_dataset, dataset_from_config, dataset_info
+from raycontrast.data.info import dataset_info
+from raycontrast.data.loader import build_dataset, dataset_from_config
 from raycontrast.data.transforms import build_train_transform
 
 SMALL = {"num_images": 6, "height": 64, "width": 128, "digit_size": (52, 64)}
@@ -60,7 +61,13 @@ def test_val_canvases_only_use_val_digits(monkeypatch):
 
 def test_all_classes_present_and_metadata():
     assert NUM_CLASSES == 13 == len(CLASS_NAMES) == len(PALETTE)
-    assert dataset_info("canvases") == (13, CLASS_NAMES)
+    info = dataset_info("canvases")
+    assert (info.num_classes, info.class_names, info.palette, info.ignore_index) == (
+        13,
+        CLASS_NAMES,
+        PALETTE,
+        255,
+    )
     _, labels = generate_canvases("train", 48, seed=0)
     values = set(np.unique(labels).tolist())
     assert values == set(range(13)) | {255}
@@ -90,7 +97,7 @@ def test_dataset_items_and_transform():
     assert len(ds) == 6 and ds.num_classes == 13 and ds.cache_path is None
     x, y = ds[0]
     assert x.shape == (3, 64, 128) and x.dtype == torch.float32
-    assert y.shape == (64, 128) and y.dtype == torch.int64
+    assert y.shape == (64, 128) and y.dtype == torch.uint8
     np.testing.assert_array_equal(y.numpy(), ds.labels[0])
     aug = CanvasDataset(None, "train", transform=build_train_transform((32, 48), (0.5, 1.0)), **SMALL)
     torch.manual_seed(0)

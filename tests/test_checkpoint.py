@@ -7,22 +7,15 @@ import pytest
 import torch
 
 from raycontrast import checkpoint as ck
+from raycontrast.session import LocalSession
 
-
-def _state(iteration: int) -> dict:
-    return {
-        "model": {"w": torch.full((3,), float(iteration))},
-        "optimizer": {},
-        "scheduler": {},
-        "iteration": iteration,
-        "rng": ck.capture_rng_state(),
-    }
+from conftest import toy_state
 
 
 def _run(tmp_path, iterations=(2, 4, 6)) -> tuple[pafs.FileSystem, str]:
     fs, run = pafs.LocalFileSystem(), str(tmp_path / "run")
     for it in iterations:
-        ck.save_state(fs, f"{run}/checkpoint_{it:08d}", _state(it))
+        ck.save_state(fs, f"{run}/checkpoint_{it:08d}", toy_state(it))
     return fs, run
 
 
@@ -74,14 +67,17 @@ def test_load_latest_falls_back_to_newest_complete(tmp_path):
     assert msg.endswith(f"; resuming from {tmp_path / 'run' / 'checkpoint_00000004'} instead")
 
 
-def test_load_latest_prefers_the_given_checkpoint(tmp_path):
-    fs, run = _run(tmp_path)
-    # Ray's registered checkpoint comes first even when a newer directory exists (e.g. never registered)
-    loaded = ck.load_latest(fs, run, preferred=f"{run}/checkpoint_00000004/")
-    assert loaded.state["iteration"] == 4 and loaded.skipped == [] and loaded.describe() is None
-    (tmp_path / "run" / "checkpoint_00000004" / "state.pt").unlink()
-    loaded = ck.load_latest(fs, run, preferred=f"{run}/checkpoint_00000004")
-    assert loaded.state["iteration"] == 6 and len(loaded.skipped) == 1
+def test_load_latest_takes_the_newest_iteration_whatever_the_clocks(tmp_path):
+    fs, run = pafs.LocalFileSystem(), str(tmp_path / "run")
+    # Ray Train run names: iteration first, then the writer's clock (here running backwards, as on two
+    # nodes whose clocks disagree); a registered or an unregistered checkpoint alike.
+    for it, stamp in ((2, "20261201-120000"), (4, "20261201-110000"), (6, "20261201-100000")):
+        ck.save_state(fs, f"{run}/checkpoint_{it:08d}_{stamp}-000000000", toy_state(it))
+    loaded = ck.load_latest(fs, run)
+    assert loaded.state["iteration"] == 6 and loaded.skipped == [] and loaded.describe() is None
+    (tmp_path / "run" / "checkpoint_00000006_20261201-100000-000000000" / "state.pt").unlink()
+    loaded = ck.load_latest(fs, run)
+    assert loaded.state["iteration"] == 4 and len(loaded.skipped) == 1
 
 
 def test_no_complete_checkpoint_starts_from_scratch(tmp_path):
@@ -97,15 +93,24 @@ def test_local_session_skips_a_damaged_checkpoint(tmp_path):
     fs, run = _run(tmp_path)
     (tmp_path / "run" / "checkpoint_00000006" / "state.pt").write_bytes(b"")
     lines = []
-    session = ck.LocalSession(run, fs, num_to_keep=5, log=lines.append)
-    assert session.load_checkpoint()["iteration"] == 4
+    session = LocalSession(run, fs, num_to_keep=5, log=lines.append)
+    assert session.load_checkpoint().iteration == 4
     assert len(lines) == 1 and "checkpoint_00000006/state.pt is incomplete or corrupt" in lines[0]
 
 
-def test_storage_location(tmp_path, monkeypatch):
-    path, fs = ck.storage_location("s3://bucket/a/b/", s3_endpoint="127.0.0.1:9", s3_scheme="http")
-    assert path == "bucket/a/b" and fs.type_name == "s3"
-    assert ck.storage_location("gs://bucket/x/") == ("gs://bucket/x", None)
-    monkeypatch.chdir(tmp_path)
-    assert ck.storage_location("rel") == (str(tmp_path / "rel"), None)
-    assert ck.filesystem_for(str(tmp_path), None)[1] == str(tmp_path)
+def test_retention_keeps_the_best_checkpoint_by_val_miou(tmp_path):
+    fs, run = _run(tmp_path, [2, 4, 6, 8])
+    scores = {2: 0.3, 4: 0.5, 6: 0.5, 8: float("nan")}  # a tie goes to the earliest; NaN never wins
+    paths = ck.list_checkpoints(fs, run)
+    assert ck.best_checkpoint(paths, scores).endswith("checkpoint_00000004")
+    assert ck.checkpoint_iteration(f"{run}/checkpoint_00000012_20261201-000000-000000000") == 12
+    assert ck.checkpoint_iteration(f"{run}/checkpoint_2026-12-01_00-00-00") == -1
+    assert ck.retain_checkpoints(fs, run, scores, "all").endswith("checkpoint_00000004")
+    assert len(ck.list_checkpoints(fs, run)) == 4
+    kept = ck.retain_checkpoints(fs, run, scores, "best")
+    assert (
+        [p.rsplit("/", 1)[1] for p in ck.list_checkpoints(fs, run)]
+        == ["checkpoint_00000004"]
+        == [kept.rsplit("/", 1)[1]]
+    )
+    assert ck.retain_checkpoints(fs, run, scores, "none") is None and ck.list_checkpoints(fs, run) == []

@@ -80,7 +80,7 @@ def test_loader_maps_train_ids_and_keeps_alignment(tmp_path):
         assert ds.images[i].name.startswith(list(CITIES)[0 if i < 2 else 1])
         x, y = ds[i]
         assert x.shape == (3, H, W) and x.dtype == torch.float32
-        assert y.shape == (H, W) and y.dtype == torch.int64
+        assert y.shape == (H, W) and y.dtype == torch.uint8
         np.testing.assert_array_equal(y.numpy(), lut[ids])
         assert (y[:4, :4] == 255).all()
     # Alignment through a random geometric pipeline: the red channel still decodes to the label.

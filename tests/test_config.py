@@ -88,7 +88,11 @@ BAD_OVERRIDES = [
     ({"data.hflip": "sometimes"}, "data.hflip", "valid boolean"),
     ({"tune.space": {}}, "tune.space", "search space is empty"),
     ({"loss.class_weights": [1.0, 2.0]}, "loss.class_weights", "needs 19 weights"),
-    ({"loss.ignore_index": 3}, "loss.ignore_index", "is a class id"),
+    (
+        {"loss.ignore_index": 254},
+        "loss.ignore_index",
+        "was removed: the ignore label is a fact of the dataset",
+    ),
     ({"run.name": "a/b"}, "run.name", "plain folder name"),
     ({"loss": 0.1}, "loss", "is a section"),
     ({"losses.temperature": 0.1}, "losses.temperature", "unknown config key"),

@@ -4,6 +4,7 @@ groups, evaluate (whole / slide against independent references), seeding helpers
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import numpy as np
@@ -19,11 +20,11 @@ from raycontrast.engine import (
     evaluate,
     seed_everything,
     train_step,
-    worker_generator,
 )
 from raycontrast.loss import ContrastCELoss
 from raycontrast.memory import PixelMemory
 from raycontrast.models.hrnet import HRNetV2
+from raycontrast.sampling import step_seed
 
 K = 5
 STAT_KEYS = {
@@ -37,6 +38,7 @@ STAT_KEYS = {
     "grad_norm",
     "lr",
     "finite",
+    "overflow",
     "memory_fill",
 }
 
@@ -232,6 +234,8 @@ def test_nonfinite_step_changes_nothing_but_advances_the_schedule(source: str) -
 def test_nonfinite_error_message() -> None:
     err = NonFiniteLossError("3 consecutive steps at iteration 10")
     assert isinstance(err, RuntimeError) and str(err).startswith("non-finite loss:")
+    again = pickle.loads(pickle.dumps(err))  # as Ray sends it from a worker to the driver
+    assert str(again) == str(err) == "non-finite loss: 3 consecutive steps at iteration 10"
 
 
 def test_grad_norm_is_the_global_norm_and_clipping_bounds_it() -> None:
@@ -289,6 +293,47 @@ def test_grad_scaler_backs_off_and_skips_on_nonfinite() -> None:
     )
     assert not bool(stats["finite"]) and scaler.get_scale() == 2.0**9
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not bool(stats["overflow"])  # a NaN loss is a divergence, whatever the scaler does
+
+
+class _InfGradCriterion(nn.Module):
+    """A finite loss whose gradient overflows (what fp16 loss scaling meets while it calibrates)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, outputs, labels, **kw):
+        loss, parts = self.inner(outputs, labels, **kw)
+        return _InfBackward.apply(loss), parts
+
+
+class _InfBackward(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf
+
+
+def test_grad_overflow_with_a_scaler_is_not_a_divergence() -> None:
+    model, opt, sched = _setup()
+    images, labels = _batch()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = _snapshot(model)
+    stats = train_step(
+        model, _InfGradCriterion(_criterion()), opt, sched, images, labels, iteration=0, scaler=scaler
+    )
+    assert math.isfinite(float(stats["loss"])) and not bool(stats["finite"]) and bool(stats["overflow"])
+    assert scaler.get_scale() == 2.0**9  # the scaler backed off ...
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # ... and nothing moved
+    model2, opt2, sched2 = _setup()  # without a scaler the same inf gradients are a divergence
+    stats = train_step(model2, _InfGradCriterion(_criterion()), opt2, sched2, images, labels, iteration=0)
+    assert not bool(stats["finite"]) and not bool(stats["overflow"])
 
 
 # ----------------------------------------------------------------------------- optimiser and schedule
@@ -350,10 +395,10 @@ class _PixelClassStub(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()))  # gives evaluate a device to read
         self.calls: list[tuple[bool, bool, tuple[int, ...]]] = []
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_seg(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append((self.training, torch.is_inference_mode_enabled(), tuple(x.shape[-2:])))
         cls = x[:, 0].round().long().clamp(0, K - 1)
-        return {"seg": F.one_hot(cls, K).permute(0, 3, 1, 2).float() * 4.0 + self.anchor}
+        return F.one_hot(cls, K).permute(0, 3, 1, 2).float() * 4.0 + self.anchor
 
 
 class _RowStub(nn.Module):
@@ -365,7 +410,7 @@ class _RowStub(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(()))
         self.crop_h = crop_h
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_seg(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         rows = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1).expand(b, 1, h, w) / self.crop_h
         out = torch.zeros(b, K, h, w)
@@ -447,11 +492,11 @@ class _ConstantStub(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_seg(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         cls = x.mean((1, 2, 3)).round().long().clamp(0, K - 1)
         grid = F.one_hot(cls, K).float()[:, :, None, None].expand(b, K, math.ceil(h / 4), math.ceil(w / 4))
-        return {"seg": grid + self.anchor}
+        return grid + self.anchor
 
 
 def test_evaluate_upsamples_to_label_size() -> None:
@@ -492,13 +537,13 @@ def test_evaluate_rejects_bad_mode() -> None:
 # ----------------------------------------------------------------------------- seeding
 
 
-def test_seed_everything_and_worker_generators() -> None:
+def test_seed_everything_and_step_generators() -> None:
     seed_everything(7)
     a = (random.random(), np.random.rand(), torch.rand(3))  # noqa: NPY002 - the global state is the point
     seed_everything(7)
     b = (random.random(), np.random.rand(), torch.rand(3))  # noqa: NPY002
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
-    draw = lambda s, r: torch.randperm(1000, generator=worker_generator(s, r))
+    draw = lambda s, r: torch.randperm(1000, generator=torch.Generator().manual_seed(step_seed(s, r)))
     assert torch.equal(draw(0, 1), draw(0, 1))
     assert not torch.equal(draw(0, 0), draw(0, 1)) and not torch.equal(draw(0, 1), draw(1, 0))
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycontrast.models.hrnet import HighResolutionModule, HRNetV2, convert_sync_bn, load_pretrained
+from raycontrast.models.hrnet import HighResolutionModule, HRNetV2, convert_sync_bn
+from raycontrast.models.pretrained import load_pretrained
 
 K = 19
 
@@ -191,7 +192,7 @@ def test_imagenet_style_checkpoint_reports_extras(tmp_path, caplog) -> None:
     sd["final_layer.0.weight"] = torch.zeros(2048, 1024, 1, 1)
     sd["classifier.weight"] = torch.zeros(1000, 2048)
     torch.save(sd, tmp_path / "imagenet.pth")
-    with caplog.at_level(logging.INFO, logger="raycontrast.models.hrnet"):
+    with caplog.at_level(logging.INFO, logger="raycontrast.models.pretrained"):
         report = load_pretrained(model.backbone, tmp_path / "imagenet.pth")
     assert report.unexpected == [
         "classifier.weight",
@@ -218,6 +219,35 @@ def test_wrong_width_is_explained(tmp_path) -> None:
     torch.save(sd, tmp_path / "w18.pth")
     with pytest.raises(ValueError, match="different HRNet width"):
         load_pretrained(HRNetV2("w18_small", K, proj_dim=8), tmp_path / "w18.pth")
+
+
+def test_wrong_width_names_the_variant_the_file_fits(tmp_path) -> None:
+    torch.save(HRNetV2("w18", K).backbone.state_dict(), tmp_path / "w18.pth")
+    with pytest.raises(ValueError, match=r"the file fits model\.variant: w18\)"):
+        load_pretrained(HRNetV2("w18_small", K, proj_dim=8), tmp_path / "w18.pth")
+
+
+def test_a_deeper_variant_of_the_same_width_is_refused_not_half_loaded(tmp_path) -> None:
+    """A W18 file fits w18_small_v2's keys and shapes (same widths, fewer blocks): it would load with the
+    extra blocks silently dropped. Keys under the backbone's own prefixes that it lacks mean another variant."""
+    sd = HRNetV2("w18", K).backbone.state_dict()
+    sd["classifier.weight"] = torch.zeros(1000, 2048)  # classification-only: ignored, never the reason
+    torch.save(sd, tmp_path / "w18.pth")
+    with pytest.raises(
+        ValueError,
+        match=r"is HRNet w18, not w18_small_v2: \d+ of its backbone keys .*"
+        r"set model\.variant: w18",
+    ) as e:
+        load_pretrained(HRNetV2("w18_small_v2", K, proj_dim=8), tmp_path / "w18.pth")
+    assert "classifier" not in str(e.value)
+    report = load_pretrained(HRNetV2("w18", K, proj_dim=8), tmp_path / "w18.pth")
+    want = len(HRNetV2("w18", K).backbone.state_dict())
+    assert report.loaded == want and report.unexpected == ["classifier.weight"]
+    line = report.describe(tmp_path / "w18.pth", "w18")
+    assert line == (
+        f"model.pretrained: {want} tensors loaded into the w18 backbone from {tmp_path / 'w18.pth'}; "
+        "1 key outside the backbone ignored (classifier)"
+    )
 
 
 def test_bad_files(tmp_path) -> None:

@@ -262,3 +262,13 @@ def test_subtree_and_uri_filesystems(tmp_path):
     ]:
         r = load_results(path, filesystem=fs)
         assert r["trials"].loc[0, "trial_id"] == "t1" and len(r["curves"]) == 1
+
+
+def test_a_damaged_table_is_named(tmp_path):
+    w = _writer(tmp_path)
+    w.on_report("t1", _flat(), _metrics(2, 0.3))
+    w.on_trial_end("t1", "TERMINATED")
+    curves = tmp_path / "curves.parquet"
+    curves.write_bytes(curves.read_bytes()[:-20])  # the footer cut off
+    with pytest.raises(ValueError, match=f"results table {curves} is not a readable Parquet file"):
+        load_results(tmp_path)

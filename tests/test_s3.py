@@ -3,11 +3,6 @@ tables all land in the bucket, the tables read back from it, and a resume from i
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,68 +11,23 @@ import pytest
 from raycontrast.config import load_config
 from raycontrast.results import load_results
 
+from conftest import S3_CREDENTIALS, local_ray, moto_s3, s3_filesystem
+
 ray = pytest.importorskip("ray")
 boto3 = pytest.importorskip("boto3")
 tune_mod = pytest.importorskip("raycontrast.tune")
-from pyarrow import fs as pafs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 BUCKET, PREFIX = "raycontrast-test", "searches"
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_and_ray(tmp_path_factory):
     """moto S3 on loopback with one bucket, then a private Ray whose processes inherit the credentials."""
-    exe = shutil.which("moto_server")
-    if exe is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    port, dash = _free_port(), _free_port()
-    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    env = {**CREDENTIALS, "RAY_AUTH_MODE": "disabled", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}"}
-    old = {k: os.environ.get(k) for k in env}
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        os.environ.update(env)
-        endpoint = f"127.0.0.1:{port}"
-        boto3.client("s3", endpoint_url=f"http://{endpoint}").create_bucket(Bucket=BUCKET)
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=dash,
-            log_to_driver=False,
-        )
+    with moto_s3(BUCKET, tmp_path_factory.mktemp("moto")) as endpoint, local_ray(env=S3_CREDENTIALS):
         yield endpoint
-    finally:
-        ray.shutdown()
-        server.terminate()
-        server.wait(timeout=30)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _keys(endpoint: str, prefix: str) -> list[str]:
@@ -102,9 +52,7 @@ def test_search_on_s3_and_resume_from_it(tmp_path, s3_and_ray) -> None:
     assert out.experiment_path == f"{BUCKET}/{PREFIX}/smoke" and out.num_finished == 2
     assert not (tmp_path / "results").exists() and not Path("results/smoke").exists()
 
-    s3 = pafs.S3FileSystem(
-        endpoint_override=endpoint, scheme="http", access_key="testing", secret_key="testing"
-    )
+    s3 = s3_filesystem(endpoint)
     tables = load_results(f"{BUCKET}/{PREFIX}/smoke", filesystem=s3)
     trials, curves = tables["trials"], tables["curves"]
     assert len(trials) == 2 and set(trials["status"]) <= {"TERMINATED", "STOPPED_EARLY"}

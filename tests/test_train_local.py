@@ -8,36 +8,26 @@ import os
 import random
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from raycontrast import loop, train
-from raycontrast.config import load_config
+from raycontrast import checkpoint, loop, sampling, storage, train
 from raycontrast.engine import NonFiniteLossError
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+from conftest import tiny_config
+from fault_hooks import FaultHooks
+
 METRIC_KEYS = {
-    "iteration", "epoch", "lr", "loss", "ce_loss", "contrast_loss", "anchors", "hard_share", "intra_cos",
-    "inter_cos", "memory_fill", "nonfinite_steps", "val_miou", "val_pixel_acc", "val_class_iou", "images_per_s",
+    "best_val_miou", "iteration", "epoch", "lr", "loss", "ce_loss", "contrast_loss", "anchors", "hard_share", "intra_cos",
+    "inter_cos", "memory_fill", "nonfinite_steps", "overflow_steps", "val_miou", "val_pixel_acc", "val_class_iou", "images_per_s",
     "time_s", "worker_seconds", "peak_rss_mb", "train_time_s", "eval_time_s",
 }  # fmt: skip
 
 
 def make_config(tmp_path, name: str = "local", **overrides):
-    base = {
-        "run.name": name,
-        "run.storage_path": str(tmp_path / "results"),
-        "data.root": str(tmp_path / "cache"),
-        "data.canvases.train_images": 4,
-        "data.canvases.val_images": 2,
-        "train.workers": 0,
-        "train.iterations": 4,
-        "train.eval_interval": 2,
-        "train.checkpoint_interval": 2,
-        "memory.size": 20,
-    }
-    return load_config(CONFIG, {**base, **overrides})
+    return tiny_config(tmp_path, name, **{"train.iterations": 4, **overrides})
 
 
 def dump(path) -> dict:
@@ -57,7 +47,11 @@ def test_local_run_reports_contract_metrics(tmp_path):
     )
     assert out.run_path == str(tmp_path / "results" / "local")
     # num_to_keep=1: the best checkpoint by val mIoU plus the latest survive (the latest is needed to resume).
-    kept = sorted(p.name for p in (tmp_path / "results" / "local").iterdir())
+    run = tmp_path / "results" / "local"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint_")) == [
+        "experiment.json"
+    ]
+    kept = sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint_"))
     assert "checkpoint_00000006" in kept and 1 <= len(kept) <= 2
     assert out.checkpoint_path.endswith("checkpoint_00000006")
     state = torch.load(os.path.join(out.checkpoint_path, "state.pt"), weights_only=True)
@@ -69,12 +63,12 @@ def test_local_resume_continues_exactly(tmp_path):
     ref_dir, res_dir = tmp_path / "ref", tmp_path / "res"
     ref_dir.mkdir()
     res_dir.mkdir()
-    train.fit(make_config(tmp_path, "reference"), loop_extras={"_debug_dump_dir": str(ref_dir)})
+    train.fit(make_config(tmp_path, "reference"), hooks=FaultHooks(dump_dir=str(ref_dir)))
     cfg = make_config(tmp_path, "stopped")
     marker = tmp_path / "marker"
     with pytest.raises(RuntimeError, match="injected failure at iteration 3"):
-        train.fit(cfg, loop_extras={"_fail_at_iteration": 3, "_fail_marker": str(marker)})
-    out = train.fit(cfg, resume=True, loop_extras={"_debug_dump_dir": str(res_dir)})
+        train.fit(cfg, hooks=FaultHooks(fail_at=3, fail_marker=str(marker)))
+    out = train.fit(cfg, resume=True, hooks=FaultHooks(dump_dir=str(res_dir)))
     ref, got = dump(ref_dir), dump(res_dir)
     assert got["start_iteration"] == 2 and out.metrics["iteration"] == 4
     for k, v in ref["model"].items():
@@ -106,6 +100,32 @@ def test_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     cfg = make_config(tmp_path, **{"train.iterations": 6, "train.max_nonfinite_steps": 3})
     with pytest.raises(NonFiniteLossError, match=r"^non-finite loss: 3 consecutive steps up to iteration 3"):
         train.fit(cfg)
+    assert train.divergence(pafs.LocalFileSystem(), str(tmp_path / "results" / "local")).startswith(
+        "3 consec"
+    )
+    monkeypatch.setattr(loop, "train_step", real_step)  # a resume would diverge the same way: refused at once
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps .* diverged; start a new run.name"):
+        train.fit(cfg, resume=True)
+
+
+def test_fp16_overflow_steps_are_not_divergence(tmp_path, monkeypatch):
+    real_step, calls = loop.train_step, []
+
+    def overflowing_step(*args, **kwargs):  # the first 5 steps overflow, as while a GradScaler calibrates
+        stats = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= 5:
+            stats = {**stats, "finite": torch.tensor(False), "overflow": torch.tensor(True)}
+        return stats
+
+    monkeypatch.setattr(loop, "train_step", overflowing_step)
+    out = train.fit(make_config(tmp_path, **{"train.iterations": 6, "train.max_nonfinite_steps": 3}))
+    rows = sorted(out.metrics.items())
+    assert out.metrics["iteration"] == 6 and out.metrics["nonfinite_steps"] == 0, rows
+    monkeypatch.setattr(loop, "MAX_OVERFLOW_STEPS", 4)  # but an overflow that never ends is a divergence
+    calls.clear()
+    with pytest.raises(NonFiniteLossError, match=r"4 consecutive fp16 overflows up to iteration 4"):
+        train.fit(make_config(tmp_path, "endless", **{"train.iterations": 6}))
 
 
 def test_shard_sampler_matches_distributed_sampler():
@@ -113,7 +133,7 @@ def test_shard_sampler_matches_distributed_sampler():
     for epoch in (0, 1):
         shards = []
         for rank in range(3):
-            ours = train.ShardSampler(data, num_replicas=3, rank=rank, seed=5)
+            ours = sampling.ShardSampler(data, num_replicas=3, rank=rank, seed=5)
             ref = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=5, drop_last=True)
             ours.set_epoch(epoch)
             ref.set_epoch(epoch)
@@ -124,7 +144,7 @@ def test_shard_sampler_matches_distributed_sampler():
             shards.append([i for _, i in keys])
         flat = sum(shards, [])
         assert len(set(flat)) == 9  # drop_last: 9 of 11, no duplicates
-    s = train.ShardSampler(data, num_replicas=1, rank=0, seed=5)
+    s = sampling.ShardSampler(data, num_replicas=1, rank=0, seed=5)
     s.set_epoch(0)
     first = list(s)
     s.set_epoch(1)
@@ -139,7 +159,7 @@ def test_seeded_items_ignore_global_rng():
         def __getitem__(self, i):
             return torch.rand(3) + i  # draws from the global RNG, like the augmentations
 
-    items = train.SeededItems(Noisy(), seed=0)
+    items = sampling.SeededItems(Noisy(), seed=0)
     torch.manual_seed(1)
     a = items[(0, 2)]
     torch.manual_seed(2)
@@ -152,22 +172,24 @@ def test_seeded_items_ignore_global_rng():
 
 def test_rng_state_round_trip_with_weights_only():
     buf = io.BytesIO()
-    torch.save(train._rng_state(), buf)
+    torch.save(checkpoint.capture_rng_state(), buf)
     expected = (torch.rand(2), np.random.rand(2), random.random())  # noqa: NPY002
     torch.rand(5), np.random.rand(5), random.random()  # noqa: NPY002
-    train._set_rng_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    checkpoint.restore_rng_state(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     got = (torch.rand(2), np.random.rand(2), random.random())  # noqa: NPY002
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
 
 
-def test_resolve_storage(tmp_path):
+def test_run_storage(tmp_path):
     cfg = make_config(
         tmp_path, **{"run.storage_path": "s3://bucket/some/prefix/", "run.s3_endpoint": "127.0.0.1:9"}
     )
-    path, fs = train.resolve_storage(cfg)
+    st = storage.run_storage(cfg)
+    path, fs = st.ray_path, st.ray_fs
     assert path == "bucket/some/prefix" and fs.type_name == "s3"
     cfg = make_config(tmp_path, **{"run.storage_path": "relative/results"})
-    path, fs = train.resolve_storage(cfg)
+    st = storage.run_storage(cfg)
+    path, fs = st.ray_path, st.ray_fs
     assert fs is None and path == os.path.abspath("relative/results")
 
 
@@ -175,16 +197,15 @@ def test_build_trainer_maps_the_config(tmp_path):
     import ray.train
 
     cfg = make_config(tmp_path, **{"train.workers": 2, "train.cpus_per_worker": 0.5, "train.max_failures": 3})
-    trainer = train.build_trainer(
-        cfg, name="x", storage_path=str(tmp_path), loop_extras={"_debug_dump_dir": "d"}
-    )
+    hooks = FaultHooks(dump_dir="d")
+    trainer = train.build_trainer(cfg, name="x", storage_path=str(tmp_path), hooks=hooks)
     assert trainer.scaling_config.num_workers == 2 and not trainer.scaling_config.use_gpu
     assert trainer.scaling_config.resources_per_worker == {"CPU": 0.5}
     rc = trainer.run_config
     assert isinstance(rc, ray.train.RunConfig) and rc.name == "x" and rc.failure_config.max_failures == 3
     assert rc.checkpoint_config.checkpoint_score_attribute == "val_miou"
     assert rc.checkpoint_config.checkpoint_score_order == "max" and rc.checkpoint_config.num_to_keep == 2
-    assert trainer.train_loop_config == {**cfg.model_dump(mode="json"), "_debug_dump_dir": "d"}
+    assert trainer.train_loop_config == {**cfg.model_dump(mode="json"), train.HOOKS_KEY: hooks}
     assert trainer.backend_config.backend == "gloo"
     gpu = train.build_trainer(
         make_config(tmp_path, **{"train.workers": 1, "train.use_gpu": True}),
@@ -195,14 +216,3 @@ def test_build_trainer_maps_the_config(tmp_path):
     with pytest.raises(ValueError, match="local mode"):
         train.build_trainer(make_config(tmp_path), name="y", storage_path=str(tmp_path))
     assert not ray.is_initialized()
-
-
-def test_nonfinite_cause_unwraps_worker_errors():
-    from ray.train import WorkerGroupError
-
-    text = "[Rank 1]\nTraceback (most recent call last):\nraycontrast.engine.NonFiniteLossError: non-finite loss: 3 steps\n"
-    cause = train.nonfinite_cause(WorkerGroupError(text, {1: RuntimeError("pickled wrapper")}))
-    assert isinstance(cause, NonFiniteLossError) and str(cause) == "non-finite loss: 3 steps"
-    original = NonFiniteLossError("x")
-    assert train.nonfinite_cause(WorkerGroupError("boom", {0: original})) is original
-    assert train.nonfinite_cause(WorkerGroupError("boom", {0: RuntimeError("other")})) is None

@@ -1,6 +1,6 @@
 """Ray Train tests: 2-worker CPU DDP against a single-process twin, worker recovery, resume, resources.
 
-One module-scoped local Ray instance (2 CPUs, no dashboard). All runs use the same tiny config: 2 workers x
+One module-scoped local Ray instance (2 CPUs, conftest.ray_cluster). All runs use the same tiny config: 2 workers x
 batch 2 on 8 training canvases (2 steps per epoch), 4 iterations, evaluation + checkpoint every 2, a memory
 bank of 20 slots per class. The uninterrupted run (`reference`) is shared by the equivalence, recovery and
 resume tests.
@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import os
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from raycontrast.config import Config, load_config
-from raycontrast.data.loader import build_dataset, dataset_info
+from raycontrast import checkpoint as ck
+from raycontrast.build import build_criterion
+from raycontrast.config import Config
+from raycontrast.data.info import dataset_info
+from raycontrast.data.loader import build_dataset
 from raycontrast.engine import build_optimizer, build_scheduler, seed_everything, train_step
-from raycontrast.loss import ContrastCELoss
 from raycontrast.memory import PixelMemory
 from raycontrast.models.hrnet import HRNetV2
+from raycontrast.plan import InsufficientResourcesError
+from raycontrast.sampling import SeededItems, ShardSampler, step_seed
+
+from conftest import DDP, tiny_config
+from fault_hooks import FaultHooks
 
 ray = pytest.importorskip("ray")
 train = pytest.importorskip("raycontrast.train")
 
 pytestmark = pytest.mark.ray
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 WORLD = 2
 # float32 on CPU: DDP averages gradients with a gloo all-reduce, the twin by backpropagating the mean of the
 # two half-batch losses, so results may differ in summation order. Measured after 4 steps on a 2-core x86
@@ -37,46 +44,12 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # write no token under ~/.ray
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=200 * 1024**2,
-    )
-    yield
-    ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
-
-
-@pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("train_ray")
 
 
 def make_config(workdir, name: str, **overrides) -> Config:
-    base = {
-        "run.name": name,
-        "run.storage_path": str(workdir / "results"),
-        "data.root": str(workdir / "cache"),
-        "data.canvases.train_images": 8,
-        "data.canvases.val_images": 4,
-        "train.workers": WORLD,
-        "train.cpus_per_worker": 1,
-        "train.iterations": 4,
-        "train.eval_interval": 2,
-        "train.checkpoint_interval": 2,
-        "train.log_interval": 2,
-        "train.max_failures": 1,
-        "memory.size": 20,
-    }
-    return load_config(CONFIG, {**base, **overrides})
+    return tiny_config(workdir, name, **{**DDP, "train.iterations": 4, **overrides})
 
 
 def load_dumps(path) -> list[dict]:
@@ -84,12 +57,12 @@ def load_dumps(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, workdir):
+def reference(ray_cluster, workdir):
     """The uninterrupted 2-worker run: (config, per-rank dumps, outcome)."""
     dump = workdir / "dump_reference"
     dump.mkdir()
     cfg = make_config(workdir, "reference")
-    outcome = train.fit(cfg, loop_extras={"_debug_dump_dir": str(dump)})
+    outcome = train.fit(cfg, hooks=FaultHooks(dump_dir=str(dump)))
     return cfg, load_dumps(dump), outcome
 
 
@@ -151,7 +124,8 @@ class _HalvesMemory:
 def twin_run(cfg: Config):
     """Single process over the same global batches: returns (losses [iters, WORLD], params, memory)."""
     d, t = cfg.data, cfg.train
-    k, _ = dataset_info(d.dataset)
+    info = dataset_info(d.dataset)
+    k = info.num_classes
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -159,7 +133,7 @@ def twin_run(cfg: Config):
         model = HRNetV2(cfg.model.variant, k, proj_dim=cfg.model.proj_dim)
         gens = [torch.Generator() for _ in range(WORLD)]
         memory = PixelMemory(k, cfg.model.proj_dim, cfg.memory.size, cfg.memory.pixel_update_freq)
-        criterion = _HalvesLoss(ContrastCELoss(k, **cfg.loss.model_dump()), gens)
+        criterion = _HalvesLoss(build_criterion(cfg, info), gens)
         optimizer = build_optimizer(
             model, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
@@ -179,9 +153,9 @@ def twin_run(cfg: Config):
             train=True,
             canvas_args=canvas,
         )
-        items = train.SeededItems(dataset, cfg.run.seed)
+        items = SeededItems(dataset, cfg.run.seed)
         samplers = [
-            train.ShardSampler(dataset, num_replicas=WORLD, rank=r, seed=cfg.run.seed) for r in range(WORLD)
+            ShardSampler(dataset, num_replicas=WORLD, rank=r, seed=cfg.run.seed) for r in range(WORLD)
         ]
         per_epoch = samplers[0].num_samples // t.batch_size
         net, mem = _Halves(model).train(), _HalvesMemory(memory, gens)
@@ -192,8 +166,9 @@ def twin_run(cfg: Config):
             for r, s in enumerate(samplers):
                 s.set_epoch(it // per_epoch)
                 batch += [items[key] for key in list(s)[j * t.batch_size : (j + 1) * t.batch_size]]
-                gens[r].manual_seed(train.step_seed(cfg.run.seed, r, it))
+                gens[r].manual_seed(step_seed(cfg.run.seed, r, it))
             images, labels = default_collate(batch)
+            labels = labels.long()  # as the loop casts on the device
             stats = train_step(net, criterion, optimizer, scheduler, images, labels, iteration=it, memory=mem)
             assert bool(stats["finite"])
             losses.append(torch.stack(criterion.last))
@@ -240,8 +215,7 @@ def test_worker_failure_recovers_to_same_result(reference, workdir):
     dump.mkdir()
     marker = workdir / "recovery.marker"
     cfg = make_config(workdir, "recovery")
-    extras = {"_debug_dump_dir": str(dump), "_fail_at_iteration": 3, "_fail_marker": str(marker)}
-    outcome = train.fit(cfg, loop_extras=extras)
+    outcome = train.fit(cfg, hooks=FaultHooks(dump_dir=str(dump), fail_at=3, fail_marker=str(marker)))
     assert marker.exists()  # the failure happened
     assert outcome.metrics["iteration"] == cfg.train.iterations
     for r, got in enumerate(load_dumps(dump)):
@@ -256,14 +230,13 @@ def test_stopped_run_resumes_from_checkpoint(reference, workdir):
     _, ref_dumps, _ = reference
     marker = workdir / "resume.marker"
     cfg = make_config(workdir, "resume", **{"train.max_failures": 0})
-    with pytest.raises(ray.train.TrainingFailedError, match="injected failure at iteration 3") as failed:
-        train.fit(cfg, loop_extras={"_fail_at_iteration": 3, "_fail_marker": str(marker)})
-    assert train.nonfinite_cause(failed.value) is None  # only non-finite losses are re-raised as such
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure at iteration 3"):
+        train.fit(cfg, hooks=FaultHooks(fail_at=3, fail_marker=str(marker)))
     with pytest.raises(FileExistsError, match="--resume"):
         train.fit(cfg)  # never silently mixes runs
     dump = workdir / "dump_resume"
     dump.mkdir()
-    outcome = train.fit(cfg, resume=True, loop_extras={"_debug_dump_dir": str(dump)})
+    outcome = train.fit(cfg, resume=True, hooks=FaultHooks(dump_dir=str(dump)))
     assert outcome.metrics["iteration"] == cfg.train.iterations
     for r, got in enumerate(load_dumps(dump)):
         assert got["start_iteration"] == 2
@@ -271,10 +244,34 @@ def test_stopped_run_resumes_from_checkpoint(reference, workdir):
         assert torch.equal(got["memory"]["feats"], ref_dumps[r]["memory"]["feats"])
 
 
-def test_too_many_workers_fails_fast(ray_local, workdir):
+def test_unregistered_newest_checkpoint_is_used(reference, workdir):
+    """A checkpoint complete on storage but never registered by Ray (the controller died first, or it was
+    written just in time) counts: here Ray registered none at all, and the resume takes it on every rank."""
+    ref_cfg, ref_dumps, ref_out = reference
+    fs = pafs.LocalFileSystem()
+    at2 = next(p for p in ck.list_checkpoints(fs, ref_out.run_path) if ck.load_state(fs, p)["iteration"] == 2)
+    cfg = make_config(workdir, "unregistered", **{"train.max_failures": 0})
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure at iteration 1"):
+        train.fit(cfg, hooks=FaultHooks(fail_at=1, fail_marker=str(workdir / "unregistered.marker")))
+    run = os.path.join(cfg.run.storage_path, cfg.run.name)
+    assert ck.list_checkpoints(fs, run) == []
+    fs.create_dir(f"{run}/{os.path.basename(at2)}")
+    fs.copy_file(f"{at2}/state.pt", f"{run}/{os.path.basename(at2)}/state.pt")  # behind Ray's back
+    dump = workdir / "dump_unregistered"
+    dump.mkdir()
+    outcome = train.fit(cfg, resume=True, hooks=FaultHooks(dump_dir=str(dump)))
+    assert outcome.metrics["iteration"] == cfg.train.iterations
+    for r, got in enumerate(load_dumps(dump)):
+        assert got["start_iteration"] == 2, r
+        assert_same_params(got["model"], ref_dumps[r]["model"], exact=True)
+        assert torch.equal(got["memory"]["feats"], ref_dumps[r]["memory"]["feats"])
+        torch.testing.assert_close(got["losses"], ref_dumps[r]["losses"][2:], rtol=0, atol=0)
+
+
+def test_too_many_workers_fails_fast(ray_cluster, workdir):
     cfg = make_config(workdir, "too_big", **{"train.workers": 3})
-    with pytest.raises(train.InsufficientResourcesError, match=r"3 CPUs.*cluster has 2"):
+    with pytest.raises(InsufficientResourcesError, match=r"3 CPUs.*cluster has 2"):
         train.fit(cfg)
     cfg = make_config(workdir, "no_gpu", **{"train.workers": 1, "train.use_gpu": True})
-    with pytest.raises(train.InsufficientResourcesError, match=r"1 GPUs.*cluster has 0"):
+    with pytest.raises(InsufficientResourcesError, match=r"1 GPUs.*cluster has 0"):
         train.fit(cfg)

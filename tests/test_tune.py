@@ -9,19 +9,21 @@ which trials ASHA stops is the same on every run.
 from __future__ import annotations
 
 import math
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
+from raycontrast import checkpoint as ck
 from raycontrast.config import load_config
 from raycontrast.results import load_results
+
+from conftest import ROOT, SMOKE, search_content
 
 ray = pytest.importorskip("ray")
 tune_mod = pytest.importorskip("raycontrast.tune")
@@ -29,39 +31,7 @@ from ray.tune import ExperimentAnalysis, ResultGrid  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
-ROOT = Path(__file__).parents[1]
-SMOKE = ROOT / "configs" / "smoke.yaml"
 ITERS = 6  # smoke: train.iterations, evaluated every 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A private local Ray with its dashboard (Train's placement-group cleaner needs the State API)."""
-    port = _free_port()
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: every Ray process inherits it
-    ctx = ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        log_to_driver=False,
-    )
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _smoke(tmp_path: Path, **overrides):
@@ -87,14 +57,23 @@ def check_tables_against_tune(exp_path: str, searched: list[str]) -> tuple:
     for r in grid:
         tid = r.metrics["trial_id"]
         row = trials.set_index("trial_id").loc[tid]
-        hist = r.metrics_dataframe.drop_duplicates("iteration", keep="last").sort_values("iteration")
+        hist = r.metrics_dataframe
+        if tune_mod.DIVERGED_KEY in hist:  # the one report of a diverged trial is not a curve row
+            assert r.error is not None and "non-finite loss" in str(r.error)
+            hist = hist[hist[tune_mod.DIVERGED_KEY].isna()]
+        hist = hist.drop_duplicates("iteration", keep="last").sort_values("iteration")
         mine = curves[curves["trial_id"] == tid].sort_values("iteration")
         assert mine["iteration"].tolist() == hist["iteration"].tolist()
         np.testing.assert_allclose(mine["val_miou"], hist["val_miou"], rtol=0, atol=1e-12)
         np.testing.assert_allclose(mine["loss"], hist["loss"], rtol=1e-12, equal_nan=True)
         last = r.metrics  # the last report, with the per-class list intact
-        ious = class_iou[(class_iou["trial_id"] == tid) & (class_iou["iteration"] == last["iteration"])]
-        np.testing.assert_allclose(ious.sort_values("class_id")["iou"], last["val_class_iou"], equal_nan=True)
+        if tune_mod.DIVERGED_KEY in last:  # ... unless it was the diverged report
+            last = {"iteration": hist["iteration"].max()}
+        else:
+            ious = class_iou[(class_iou["trial_id"] == tid) & (class_iou["iteration"] == last["iteration"])]
+            np.testing.assert_allclose(
+                ious.sort_values("class_id")["iou"], last["val_class_iou"], equal_nan=True
+            )
         assert row["best_val_miou"] == pytest.approx(hist["val_miou"].max())
         assert row["last_iteration"] == hist["iteration"].max() == last["iteration"]
         assert row["num_reports"] == len(hist)
@@ -107,9 +86,33 @@ def check_tables_against_tune(exp_path: str, searched: list[str]) -> tuple:
     return tables, grid
 
 
-def test_smoke_search_asha_and_tables(tmp_path, ray_cluster) -> None:
-    cfg = _smoke(tmp_path)
-    out = tune_mod.run_search(cfg)
+def asha_by_hand(trial_ids, curves, rungs: tuple[int, ...], rate: float) -> dict[str, int]:
+    """The last iteration of each trial under asynchronous successive halving, trials run one at a time in
+    `trial_ids` order: at each rung, a trial whose val mIoU is below the (1 - 1/rate) quantile of those
+    recorded there before it stops."""
+    recorded: dict[int, list[float]] = {r: [] for r in rungs}
+    last = {}
+    for tid in trial_ids:
+        values = curves[curves["trial_id"] == tid].set_index("iteration")["val_miou"]
+        last[tid] = ITERS
+        for r in rungs:
+            value, before = float(values.loc[r]), list(recorded[r])
+            recorded[r].append(value)
+            if before and value < np.percentile(before, 100 * (1 - 1 / rate)):
+                last[tid] = r
+                break
+    return last
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ray_cluster):
+    """The smoke search, run once without interruption: (config, outcome)."""
+    cfg = _smoke(tmp_path_factory.mktemp("uninterrupted"))
+    return cfg, tune_mod.run_search(cfg)
+
+
+def test_smoke_search_asha_and_tables(uninterrupted) -> None:
+    cfg, out = uninterrupted
     searched = list(cfg.tune.space)
     tables, grid = check_tables_against_tune(out.experiment_path, searched)
     trials = tables["trials"]
@@ -119,10 +122,18 @@ def test_smoke_search_asha_and_tables(tmp_path, ray_cluster) -> None:
     stopped = trials[trials["status"] == "STOPPED_EARLY"]
     assert len(stopped) >= 1  # ASHA (grace 1 evaluation, rate 2) cut at least one trial
     assert set(stopped["last_iteration"]) <= {2, 4}  # ... only at its rungs, in iterations
-    # The published point is evaluated first (Optuna's points_to_evaluate) and sets the first rungs.
-    first = trials.sort_values("started_at").iloc[0]
-    assert (first["loss.temperature"], first["loss.weight"], first["memory.size"]) == (0.1, 0.1, 0)
-    assert first["status"] == "TERMINATED" and first["last_iteration"] == ITERS
+    # Optuna's points_to_evaluate come first, in order; the first one sets the rungs and runs to the end.
+    by_start = trials.sort_values("started_at")
+    points = [
+        (p["loss.temperature"], p["loss.weight"], p["memory.size"]) for p in cfg.tune.points_to_evaluate
+    ]
+    got = by_start[["loss.temperature", "loss.weight", "memory.size"]].itertuples(index=False, name=None)
+    assert list(got)[: len(points)] == points
+    assert by_start.iloc[0]["status"] == "TERMINATED" and by_start.iloc[0]["last_iteration"] == ITERS
+    # Which trials stopped where: ASHA's rule applied by hand to the curves, in trial order.
+    assert dict(zip(by_start["trial_id"], by_start["last_iteration"], strict=True)) == asha_by_hand(
+        by_start["trial_id"], tables["curves"], rungs=(2, 4), rate=2
+    )
     # Fixed keys are columns too, with the user's values (not the driver-adjusted worker CPUs).
     assert (trials["optim.lr"] == 0.01).all() and (trials["train.cpus_per_worker"] == 1.0).all()
     # Outcome = the tables' best finished trial.
@@ -134,6 +145,105 @@ def test_smoke_search_asha_and_tables(tmp_path, ray_cluster) -> None:
     # One Train run per trial, named from its trial id (what a restart resumes from).
     runs = sorted(p.name for p in (Path(out.experiment_path) / "train_runs").iterdir())
     assert runs == sorted(f"smoke-train-{t}" for t in trials["trial_id"])
+    # tune.keep_checkpoints: best: each ended trial keeps only its best checkpoint, whose size is recorded.
+    fs = pafs.LocalFileSystem()
+    for t in trials.itertuples():
+        kept = ck.list_checkpoints(
+            fs, str(Path(out.experiment_path) / "train_runs" / f"smoke-train-{t.trial_id}")
+        )
+        assert [ck.checkpoint_iteration(p) for p in kept] == [t.iteration_of_best], t.trial_id
+        assert t.disk_bytes >= sum(f.stat().st_size for f in Path(kept[0]).iterdir()) > 0
+        assert t.best_checkpoint == kept[0]  # the kept one, named in the table
+    assert out.disk_bytes == trials["disk_bytes"].sum()
+    assert out.best_checkpoint == best["best_checkpoint"]
+    # Every report comes with the checkpoint written at it (every 2 iterations), named in its curve row.
+    curves = tables["curves"]
+    assert curves["checkpoint_path"].notna().all()
+    assert all(
+        ck.checkpoint_iteration(p) == it
+        for p, it in zip(curves["checkpoint_path"], curves["iteration"], strict=True)
+    )
+
+
+def test_eval_on_ray_workers_adds_up_the_shards(uninterrupted) -> None:
+    """`raycontrast eval --workers 2`: two Ray tasks, each a shard of the split; their confusion matrices sum
+    to the in-process evaluation's."""
+    from raycontrast.evaluation import evaluate_model
+    from raycontrast.inference import load_model
+    from raycontrast.remote_eval import evaluate_on_ray
+
+    _, out = uninterrupted
+    fs = pafs.LocalFileSystem()
+    model = load_model(fs, out.experiment_path)
+    here = evaluate_model(model, progress=False)
+    there = evaluate_on_ray(fs, model.source, 2, sets={}, use_gpu=False)
+    assert there.images == here.images == 4 and int(there.confusion.sum()) == int(here.confusion.sum())
+    assert abs(there.miou - here.miou) <= 1e-6, (there.miou, here.miou)
+
+
+@pytest.mark.slow
+def test_the_reports_commands_take_the_search_to_a_model(uninterrupted, tmp_path) -> None:
+    """Each command the report prints, run as printed (retrain, eval with TTA, predict, export); and the best
+    checkpoint, evaluated as it was trained, scores the val mIoU of its curves row."""
+    from raycontrast.analyze import analyze
+    from raycontrast.evaluation import evaluate_model
+    from raycontrast.inference import load_model
+
+    cfg, out = uninterrupted
+    fs = pafs.LocalFileSystem()
+    model = load_model(fs, out.experiment_path)
+    assert model.source == out.best_checkpoint
+    curves = load_results(out.experiment_path)["curves"]
+    row = curves[(curves["trial_id"] == out.best_trial_id) & (curves["iteration"] == model.iteration)]
+    assert abs(evaluate_model(model, progress=False).miou - float(row["val_miou"].iloc[0])) <= 1e-6
+
+    report = analyze(out.experiment_path, out_dir=tmp_path / "analysis")
+    assert set(report.commands) == {"retrain", "eval", "predict", "export"}
+    assert all(c in (tmp_path / "analysis" / "report.md").read_text() for c in report.commands.values())
+    cli = str(Path(sys.executable).with_name("raycontrast"))
+    for name, command in report.commands.items():
+        argv = [cli, *command.split()[1:]]
+        if name == "retrain":  # a run of its own next to the search, on this module's Ray
+            argv += ["--address", ray.get_runtime_context().gcs_address]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, (name, done.stdout[-2000:], done.stderr[-2000:])
+        if name == "eval":
+            assert "mIoU" in done.stdout and "scales [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] + flip" in done.stdout
+    assert (Path(cfg.run.storage_path) / "smoke-best").is_dir()
+    assert len(list((tmp_path / "analysis" / "predictions").glob("*_overlay.png"))) == 4
+    exported = load_model(fs, str(tmp_path / "analysis" / "smoke-best.safetensors"))
+    assert exported.config == model.config and exported.val_miou == model.val_miou
+
+
+CURVE_VALUES = ["iteration", "lr", "loss", "ce_loss", "contrast_loss", "val_miou", "val_pixel_acc", "anchors",
+                "hard_share", "intra_cos", "inter_cos", "memory_fill", "nonfinite_steps"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_shared_warm_up_gives_the_tables_of_an_unshared_search(tmp_path, ray_cluster) -> None:
+    """The smoke search with a 2-iteration warm-up, once sharing it (a trunk trained once, every trial
+    forked from it) and once not: every trial's results are bitwise the same (trial ids aside)."""
+    shared = tune_mod.run_search(_smoke(tmp_path / "shared", **{"loss.warmup_iters": 2}))
+    tables = load_results(shared.experiment_path)
+    trunk = tables["trunk"]
+    assert trunk["fork_at"].tolist() == [2] and trunk["memory_size"].tolist() == [50]
+    assert (tables["trials"]["forked_at"] == 2).all() and trunk["worker_seconds"].iloc[0] > 0
+    off = tune_mod.run_search(
+        _smoke(tmp_path / "off", **{"loss.warmup_iters": 2, "tune.share_warmup": "off"})
+    )
+    plain = load_results(off.experiment_path)
+    assert len(plain["trunk"]) == 0 and plain["trials"]["forked_at"].isna().all()
+    searched = list(load_config(SMOKE).tune.space)
+    assert search_content(tables["trials"], searched) == search_content(plain["trials"], searched)
+    assert shared.worker_seconds > 0 and off.worker_seconds > 0
+
+    def curves(t):
+        order = t["trials"].sort_values("started_at")["trial_id"].tolist()
+        c = t["curves"].set_index("trial_id")
+        return [c.loc[[tid], CURVE_VALUES].to_numpy(dtype=float) for tid in order]
+
+    for got, want in zip(curves(tables), curves(plain), strict=True):
+        np.testing.assert_array_equal(got, want)  # every row, the shared prefix included, to the bit
 
 
 def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, ray_cluster) -> None:
@@ -145,12 +255,17 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, ray_cluster)
             "tune.points_to_evaluate": [{"optim.lr": lr} for lr in lrs],
             "tune.num_samples": 2,
             "tune.scheduler": "fifo",
-            "tune.max_failures": 0,
-            "train.max_failures": 0,
+            "tune.max_failures": 1,  # a divergence is deterministic: retried by neither Tune ...
+            "train.max_failures": 1,  # ... nor Train
         },
     )
     out = tune_mod.run_search(cfg)
     tables, grid = check_tables_against_tune(out.experiment_path, ["optim.lr"])
+    attempts = {
+        t.config["optim.lr"]: t.run_metadata.num_failures
+        for t in ExperimentAnalysis(out.experiment_path).trials
+    }
+    assert attempts == {1e6: 1, 0.01: 0}  # one failure, no retry
     trials = tables["trials"].set_index("optim.lr")
     assert trials.loc[1e6, "status"] == "ERROR"
     assert trials.loc[1e6, "error"].startswith("non-finite loss:")
@@ -167,44 +282,72 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
             return
         if proc.poll() is not None:
             raise AssertionError(f"search exited early with {proc.returncode}")
-        time.sleep(1)
+        time.sleep(0.5)
     raise AssertionError("timed out")
 
 
-def _finished_trials(exp: Path) -> int:
+def _tables(exp: Path) -> dict | None:
     try:
-        trials = load_results(exp)["trials"]
+        return load_results(exp)
     except (FileNotFoundError, OSError):
-        return 0
-    return int(trials["status"].isin(["TERMINATED", "STOPPED_EARLY"]).sum())
+        return None
+
+
+def _finished(exp: Path) -> int:
+    t = _tables(exp)
+    return 0 if t is None else int(t["trials"]["status"].isin(["TERMINATED", "STOPPED_EARLY"]).sum())
+
+
+def _reported(exp: Path, n_trials: int) -> bool:
+    """`n_trials` trials exist and the newest has reported at least once."""
+    t = _tables(exp)
+    if t is None or len(t["trials"]) < n_trials:
+        return False
+    newest = t["trials"].sort_values("started_at").iloc[-1]["trial_id"]
+    return (t["curves"]["trial_id"] == newest).any()
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes(tmp_path, ray_cluster) -> None:
+def test_interrupted_twice_ends_with_the_same_tables(tmp_path, ray_cluster, uninterrupted) -> None:
+    """SIGINT once, SIGKILL once, each followed by --resume: the same trials table as the uninterrupted
+    search: the same trials, statuses, last iterations, best mIoU and early-stopping decisions. What is
+    pinned for a fair comparison: one trial at a time (ASHA's rungs fill in trial order) and the seeds of
+    Optuna and of every trial."""
+    ref_cfg, ref = uninterrupted
+    searched = list(ref_cfg.tune.space)
     storage, cache = tmp_path / "results", tmp_path / "cache"
     args = [sys.executable, "-m", "raycontrast.cli", "tune", "--config", str(SMOKE), "--no-analyze"]
     args += ["--address", ray_cluster]  # the fixture's cluster: no second Ray on a small machine
     for kv in (f"run.storage_path={storage}", f"data.root={cache}", "tune.max_concurrent_trials=1"):
         args += ["--set", kv]
     exp = storage / "smoke"
-    log = (tmp_path / "first.log").open("w")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        _wait_for(lambda: _finished_trials(exp) >= 1, 300, proc)
-        proc.send_signal(signal.SIGINT)  # Tune saves its state and returns
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    first = load_results(exp)["trials"]
-    assert len(first) < 3 or (first["status"] == "RUNNING").any()  # really interrupted mid-search
-    done_before = set(first.loc[first["status"] != "RUNNING", "trial_id"])
-
-    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=400)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    tables, _ = check_tables_against_tune(str(exp), list(load_config(SMOKE).tune.space))
-    trials = tables["trials"]
-    assert len(trials) == 3 and trials["status"].isin(["TERMINATED", "STOPPED_EARLY"]).all()
-    assert done_before <= set(trials["trial_id"])  # finished trials kept, not re-run under new ids
+    for sig, point in (
+        (signal.SIGINT, lambda: _reported(exp, 1)),  # the first trial mid-run (it runs to the end)
+        (signal.SIGKILL, lambda: _finished(exp) >= 2),  # the next one stopped by ASHA, the third to come
+    ):
+        log = (tmp_path / f"{sig.name}.log").open("w")
+        proc = subprocess.Popen(
+            [*args, *(["--resume"] if exp.exists() else [])], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        try:
+            _wait_for(point, 300, proc)
+            if sig == signal.SIGINT:  # a second driver is refused while this one runs
+                again = subprocess.run(
+                    [*args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=120
+                )
+                assert again.returncode == 2 and "is in use by pid" in again.stderr, again.stderr[-2000:]
+            proc.send_signal(sig)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        trials = load_results(exp)["trials"]
+        assert len(trials) < 3 or (trials["status"] == "RUNNING").any()  # really interrupted mid-search
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tables, _ = check_tables_against_tune(str(exp), searched)
+    want = load_results(ref.experiment_path)["trials"]
+    assert search_content(tables["trials"], searched) == search_content(want, searched)
     for tid, its in tables["curves"].groupby("trial_id")["iteration"]:
         assert sorted(its) == list(range(2, int(its.max()) + 1, 2)), tid  # no gaps, no duplicates

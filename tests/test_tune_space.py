@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from raycontrast import plan as plan_mod
+from raycontrast import storage
 from raycontrast.config import ConfigError, apply_overrides, load_config
 from raycontrast.space import parse_space
 
@@ -155,15 +156,15 @@ def test_workers_keep_the_thread_count_of_their_cpus() -> None:
 )
 def test_multi_node_needs_shared_storage(path: str, nodes: int, fs_type: str | None, ok: bool) -> None:
     if ok:
-        plan_mod.check_shared_storage(path, nodes, fs_type)
+        storage.check_shared_storage(path, nodes, fs_type)
         return
     with pytest.raises(ConfigError, match=rf"{nodes} nodes but .* local path.*NFS.*s3://") as err:
-        plan_mod.check_shared_storage(path, nodes, fs_type)
+        storage.check_shared_storage(path, nodes, fs_type)
     assert err.value.key == "run.storage_path"
 
 
 def test_mount_type_of_the_root_filesystem() -> None:
-    assert plan_mod.mount_fs_type("/") is not None  # Linux CI: /proc/mounts lists "/"
+    assert storage.mount_fs_type("/") is not None  # Linux CI: /proc/mounts lists "/"
 
 
 # ------------------------------------------------------------------------- errors before Ray starts
@@ -195,3 +196,110 @@ def test_existing_experiment_needs_resume_and_resume_needs_state(tmp_path) -> No
     with pytest.raises(ConfigError, match="holds no Tune state"):
         tune_mod.run_search(cfg, resume=True)
     assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------- placement, drivers, autoscaling
+
+
+def test_placement_packs_strictly_when_one_node_holds_the_trial() -> None:
+    nodes = [{"CPU": 4.0}, {"CPU": 1.0}, {"CPU": 1.0}]
+    two = _cfg(**{"train.workers": 2})
+    assert plan_mod.plan_resources(6, 0, two, node_resources=nodes).placement == "STRICT_PACK"
+    four = _cfg(**{"train.workers": 4, "train.cpus_per_worker": 1.5})  # no node holds 4 x 1.5: as few as fit
+    assert (
+        plan_mod.plan_resources(6, 0, four, node_resources=[{"CPU": 4.0}, {"CPU": 4.0}]).placement == "PACK"
+    )
+    spread = _cfg(**{"train.workers": 2, "train.placement": "spread"})
+    assert plan_mod.plan_resources(6, 0, spread, node_resources=nodes).placement == "SPREAD"
+
+
+def test_a_head_with_the_driver_resource_pins_the_drivers() -> None:
+    head = {plan_mod.DRIVER_RESOURCE: 2.0}
+    plan = plan_mod.plan_resources(
+        2, 0, _cfg(), node_resources=[head, {"CPU": 1.0}, {"CPU": 1.0}], node_ids=["h", "a", "b"]
+    )
+    assert plan.pinned_drivers and plan.driver_resources() == {"cpu": 0.0, plan_mod.DRIVER_RESOURCE: 1.0}
+    assert plan.worker_cpus == 1.0 and plan.trial_cpus == 1.0  # the driver takes no CPU of the workers'
+    one_slot = plan_mod.plan_resources(
+        8, 0, _cfg(), node_resources=[{plan_mod.DRIVER_RESOURCE: 1.0}, {"CPU": 8.0}]
+    )
+    assert one_slot.fit == 1  # drivers slots cap concurrency
+    text = plan.describe()
+    assert (
+        "node h: 0 CPUs, 0 GPUs, 2 driver slots" in text
+        and "node a: 1 CPUs" in text
+        and "drivers: on the nodes" in text
+    )
+    plain = plan_mod.plan_resources(2, 0, _cfg())
+    assert not plain.pinned_drivers and plain.driver_resources() == {"cpu": plan_mod.DRIVER_CPUS}
+
+
+def test_excluded_nodes_give_nothing() -> None:
+    nodes, ids = [{"CPU": 2.0}, {"CPU": 2.0}], ["good", "bad"]
+    plan = plan_mod.plan_resources(4, 0, _cfg(), node_resources=nodes, node_ids=ids, excluded=["bad"])
+    assert (
+        plan.cluster_cpus == 2.0
+        and plan.fit == 2
+        and "node bad: 2 CPUs, 0 GPUs; holds 2 worker(s) of a trial (excluded)" in plan.describe()
+    )
+    with pytest.raises(ConfigError, match="needs 4 CPUs .* cluster has 2 CPUs"):
+        plan_mod.plan_resources(
+            4,
+            0,
+            _cfg(**{"train.workers": 2, "train.cpus_per_worker": 2}),
+            node_resources=nodes,
+            node_ids=ids,
+            excluded=["bad"],
+        )
+
+
+def test_shared_memory_need_per_rank() -> None:
+    # 4 loader workers x 2 batches of 2 x (512x1024 float32 RGB + uint8 label), plus 2 val workers x 2 x 1024x2048
+    need = plan_mod.shm_per_rank(loader_workers=4, batch_size=2, crop=(512, 1024), val_size=(1024, 2048))
+    assert need == 2 * (4 * 2 * 512 * 1024 * 13 + 2 * 2 * 1024 * 2048 * 13)
+    assert plan_mod.shm_per_rank(loader_workers=0, batch_size=2, crop=(512, 1024), val_size=(1024, 2048)) == 0
+    assert plan_mod.val_loader_workers(4) == 2 and plan_mod.val_loader_workers(1) == 0
+
+
+def test_waiting_for_an_autoscaling_cluster() -> None:
+    cfg = _cfg(**{"train.workers": 2})  # a trial needs 2 CPUs
+    seen = iter([{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 4.0}])  # nodes coming up
+    asked, now = [], [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    res = plan_mod.wait_until_fit(
+        cfg,
+        lambda: next(seen),
+        wait_s=60,
+        request=asked.append,
+        sleep=sleep,
+        clock=lambda: now[0],
+        log=lambda m: None,
+    )
+    assert res == {"CPU": 4.0} and now[0] == 15.0
+    assert asked == [plan_mod.trial_bundles(cfg)] and asked[0][0] == {"CPU": plan_mod.DRIVER_CPUS}
+    assert len(asked[0]) == 3 and all(b == {"CPU": 0.99} for b in asked[0][1:])
+    with pytest.raises(
+        ConfigError, match="needs 2 CPUs"
+    ):  # never enough before the deadline: the plan's error
+        plan_mod.wait_until_fit(
+            cfg,
+            lambda: {"CPU": 1.0},
+            wait_s=10,
+            request=lambda b: None,
+            sleep=sleep,
+            clock=lambda: now[0],
+            log=lambda m: None,
+        )
+    with pytest.raises(ConfigError, match="needs 2 CPUs"):  # wait_s 0: refused at once, nothing requested
+        plan_mod.wait_until_fit(
+            cfg,
+            lambda: {"CPU": 1.0},
+            wait_s=0,
+            request=pytest.fail,
+            sleep=sleep,
+            clock=lambda: now[0],
+            log=lambda m: None,
+        )

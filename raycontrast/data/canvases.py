@@ -18,27 +18,22 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
-import time
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset
 
+from raycontrast.data.info import CANVASES
 from raycontrast.data.transforms import build_eval_transform, item_rng
+from raycontrast.storage import write_atomic
 
-IGNORE_INDEX = 255
-CLASS_NAMES: tuple[str, ...] = tuple(f"digit {d}" for d in range(10)) + ("brick", "grass", "gravel")
-NUM_CLASSES = len(CLASS_NAMES)
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-    (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (150, 60, 40), (30, 110, 30),
-    (128, 128, 128),
-)  # fmt: skip
+IGNORE_INDEX = CANVASES.ignore_index
+CLASS_NAMES, PALETTE, NUM_CLASSES = CANVASES.class_names, CANVASES.palette, CANVASES.num_classes
 TEXTURES = ("brick", "grass", "gravel")
 SPLITS = ("train", "val")
 # Bump when the generator changes so stale caches are never reused.
@@ -212,17 +207,7 @@ def generate_canvases(
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` so ``path`` is either the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(pafs.LocalFileSystem(), os.fspath(path), lambda f: np.savez(f, **arrays))
 
 
 class CanvasDataset(Dataset):
@@ -321,36 +306,3 @@ def anchor_qualification(dataset: Dataset, max_views: int, stride: int = 4) -> d
         name: (float(q / p) if p else float("nan"))
         for name, q, p in zip(dataset.class_names, qualified, present, strict=True)
     }
-
-
-def _report(config_path: str) -> None:
-    """Print generation time and the anchor-qualification table for a config's canvases and max_views."""
-    from raycontrast.config import load_config
-    from raycontrast.data.loader import dataset_from_config
-
-    cfg = load_config(config_path)
-    c, mv = cfg.data.canvases, cfg.loss.max_views
-    for split, n in (("train", c.train_images), ("val", c.val_images)):
-        t0 = time.perf_counter()
-        generate_canvases(split, n, c.height, c.width, c.seed, c.digit_size)
-        print(f"generate {split}: {n} canvases {c.height}x{c.width} in {time.perf_counter() - t0:.2f} s")
-    lo, hi = cfg.data.scale_range
-    rows = {  # train=False: no augmentation, the raw labels
-        f"{split} mv{mv}": anchor_qualification(dataset_from_config(cfg.data, split, train=False), mv)
-        for split in ("train", "val")
-    }
-    aug = dataset_from_config(cfg.data, "train", train=True)
-    torch.manual_seed(0)  # the augmentation draws from torch's RNG
-    rows[f"train aug{lo:g}-{hi:g} mv{mv}"] = anchor_qualification(aug, mv)
-    print(
-        f"{config_path}: share of (image, class) pairs with more than max_views (mv) pixels on the H/4 grid"
-    )
-    print(f"{'class':>8} " + " ".join(f"{r:>20}" for r in rows))
-    for name in CLASS_NAMES:
-        print(f"{name:>8} " + " ".join(f"{rows[r][name]:>20.2f}" for r in rows))
-
-
-if __name__ == "__main__":
-    import sys
-
-    _report(sys.argv[1] if len(sys.argv) > 1 else "configs/demo.yaml")

@@ -16,61 +16,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from raycontrast.data.info import CITYSCAPES, CITYSCAPES_LABELS
 from raycontrast.data.transforms import build_eval_transform, item_rng
 
-IGNORE_INDEX = 255
-
-# (name, labelId, trainId) from the official cityscapesScripts table; trainId 255 / -1 are not trained on.
-LABELS: tuple[tuple[str, int, int], ...] = (
-    ("unlabeled", 0, 255),
-    ("ego vehicle", 1, 255),
-    ("rectification border", 2, 255),
-    ("out of roi", 3, 255),
-    ("static", 4, 255),
-    ("dynamic", 5, 255),
-    ("ground", 6, 255),
-    ("road", 7, 0),
-    ("sidewalk", 8, 1),
-    ("parking", 9, 255),
-    ("rail track", 10, 255),
-    ("building", 11, 2),
-    ("wall", 12, 3),
-    ("fence", 13, 4),
-    ("guard rail", 14, 255),
-    ("bridge", 15, 255),
-    ("tunnel", 16, 255),
-    ("pole", 17, 5),
-    ("polegroup", 18, 255),
-    ("traffic light", 19, 6),
-    ("traffic sign", 20, 7),
-    ("vegetation", 21, 8),
-    ("terrain", 22, 9),
-    ("sky", 23, 10),
-    ("person", 24, 11),
-    ("rider", 25, 12),
-    ("car", 26, 13),
-    ("truck", 27, 14),
-    ("bus", 28, 15),
-    ("caravan", 29, 255),
-    ("trailer", 30, 255),
-    ("train", 31, 16),
-    ("motorcycle", 32, 17),
-    ("bicycle", 33, 18),
-    ("license plate", -1, -1),
-)
-
-CLASS_NAMES: tuple[str, ...] = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
-    "bicycle",
-)  # fmt: skip
-NUM_CLASSES = len(CLASS_NAMES)
-
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
+IGNORE_INDEX = CITYSCAPES.ignore_index
+LABELS = CITYSCAPES_LABELS
+CLASS_NAMES, PALETTE, NUM_CLASSES = CITYSCAPES.class_names, CITYSCAPES.palette, CITYSCAPES.num_classes
 
 
 def _build_lut() -> np.ndarray:
@@ -117,6 +68,17 @@ def label_to_train(label_ids: int | np.ndarray, source: str = "label map") -> in
             "-1); use the *_gtFine_labelIds.png files from gtFine_trainvaltest"
         )
     return train.astype(np.uint8)
+
+
+_TRAIN_TO_LABEL = np.zeros(256, dtype=np.uint8)  # trainId -> labelId; the ignore label maps to 0 (unlabeled)
+for _, _label_id, _train_id in LABELS:
+    if 0 <= _train_id < IGNORE_INDEX:
+        _TRAIN_TO_LABEL[_train_id] = _label_id
+
+
+def train_to_label(train_ids: np.ndarray) -> np.ndarray:
+    """uint8 trainIds -> the official labelIds (what the evaluation server and cityscapesScripts take)."""
+    return _TRAIN_TO_LABEL[train_ids]
 
 
 def read_png(path: Path, mode: str | None = None) -> np.ndarray:

@@ -4,27 +4,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
 from raycontrast.data import canvases, cityscapes
+from raycontrast.data.info import DatasetName, dataset_info
 from raycontrast.data.transforms import build_eval_transform, build_train_transform
 
 if TYPE_CHECKING:
     from raycontrast.config import DataSection
 
-DatasetName = Literal["canvases", "cityscapes"]
 _CANVAS_ARGS = {"num_images", "height", "width", "seed", "digit_size"}
-
-
-def dataset_info(name: DatasetName) -> tuple[int, tuple[str, ...]]:
-    """``(num_classes, class_names)`` of a dataset, without building it."""
-    if name == "canvases":
-        return canvases.NUM_CLASSES, canvases.CLASS_NAMES
-    if name == "cityscapes":
-        return cityscapes.NUM_CLASSES, cityscapes.CLASS_NAMES
-    raise ValueError(f"unknown dataset {name!r}; allowed: 'canvases', 'cityscapes'")
 
 
 def build_dataset(
@@ -46,11 +37,10 @@ def build_dataset(
     For canvases ``root`` is the cache folder (None: no cache) and ``canvas_args`` holds
     ``CanvasDataset`` keyword arguments (num_images, height, width, seed, digit_size).
     """
-    dataset_info(name)  # validates the name
-    ignore = canvases.IGNORE_INDEX if name == "canvases" else cityscapes.IGNORE_INDEX
+    info = dataset_info(name)
     if train:
         transform = build_train_transform(
-            tuple(crop_size), tuple(scale_range), flip_p=0.5 if hflip else 0.0, ignore_index=ignore
+            tuple(crop_size), tuple(scale_range), flip_p=0.5 if hflip else 0.0, ignore_index=info.ignore_index
         )
     else:
         transform = build_eval_transform()
@@ -72,9 +62,8 @@ def dataset_from_config(data: DataSection, split: str, *, train: bool) -> Datase
     args = None
     if data.dataset == "canvases":
         c = data.canvases
-        n = c.train_images if split == "train" else c.val_images
         args = {
-            "num_images": n,
+            "num_images": c.train_images if split == "train" else c.val_images,
             "height": c.height,
             "width": c.width,
             "seed": c.seed,

@@ -2,8 +2,7 @@
 
 Backbone layout and state-dict key names follow the public HRNet ImageNet checkpoints (``conv1``, ``bn1``,
 ``conv2``, ``bn2``, ``layer1``, ``transition1``, ``stage2``, ... ``stage4``), so such a checkpoint loads into
-``HRNetV2.backbone``; its classification-only keys (``incre_modules``, ``downsamp_modules``, ``final_layer``,
-``classifier``) are reported as unexpected.
+``HRNetV2.backbone`` (``raycontrast.models.pretrained``).
 
 Output grid: the stem has two 3x3 stride-2 convolutions with padding 1, each mapping a size ``n`` to
 ``(n + 1) // 2``, so an ``H x W`` input gives predictions on an ``h x w`` grid with ``h = ceil(H / 4)`` and
@@ -14,18 +13,14 @@ branch, so any input size works.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
-
 Variant = Literal["w18_small", "w18_small_v2", "w18", "w48"]
+VARIANTS: tuple[str, ...] = ("w18_small", "w18_small_v2", "w18", "w48")
 
 # Per variant: stage1 (bottleneck blocks, bottleneck width) and, for stages 2-4,
 # (num_modules, blocks per branch, channels per branch), as in the public HRNet configs.
@@ -217,6 +212,7 @@ class HRNetBackbone(nn.Module):
             raise ValueError(f"unknown HRNet variant {variant!r}; allowed: {sorted(_ARCH)}")
         arch = _ARCH[variant]
         mom = bn_momentum
+        self.variant = variant
         self.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, momentum=mom)
         self.conv2 = nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False)
@@ -303,6 +299,10 @@ class HRNetV2(nn.Module):
         ups = [ys[0]] + [F.interpolate(y, size=size, mode="bilinear", align_corners=False) for y in ys[1:]]
         return torch.cat(ups, dim=1)
 
+    def forward_seg(self, x: Tensor) -> Tensor:
+        """Segmentation logits only, ``[B, K, h, w]``: evaluation and prediction skip the projection head."""
+        return self.seg_head(self.features(x))
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         feats = self.features(x)
         return {
@@ -314,107 +314,3 @@ class HRNetV2(nn.Module):
 def convert_sync_bn(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm with SyncBatchNorm (for DDP on GPUs; a no-op numerically on one process)."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """Result of :func:`load_pretrained`.
-
-    missing: backbone keys absent from the checkpoint that were tolerated (only BN ``num_batches_tracked``
-    counters, which old checkpoints lack); any other missing key is an error.
-    unexpected: checkpoint keys that are not part of the backbone (e.g. the ImageNet classifier).
-    """
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-
-
-_PREFIXES = ("module.", "model.", "backbone.")
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained checkpoint {str(path)!r} not found; give a local .pth/.pt/.safetensors"
-        )
-    suffix = path.suffix.lower()
-    if suffix not in (".pth", ".pt", ".safetensors"):
-        raise ValueError(
-            f"pretrained checkpoint {str(path)!r}: unknown extension {suffix!r}; "
-            "use .pth, .pt or .safetensors"
-        )
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any parse failure: corrupt, truncated, or not a tensor-only pickle
-        raise ValueError(
-            f"pretrained checkpoint {str(path)!r} could not be read ({type(e).__name__}: {e}); "
-            "re-export it as a plain state dict of tensors"
-        ) from e
-    if isinstance(obj, dict):
-        for k in ("state_dict", "model"):
-            if isinstance(obj.get(k), dict):
-                obj = obj[k]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(
-            f"pretrained checkpoint {str(path)!r} is not a state dict of tensors "
-            "(expected a bare dict or one under 'state_dict' / 'model')"
-        )
-    out = {}
-    for k, v in obj.items():
-        changed = True
-        while changed:  # strip e.g. "module.backbone."
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p) :], True
-        out[k] = v
-    return out
-
-
-def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> LoadReport:
-    """Load a local HRNet checkpoint into ``model.backbone`` (or the backbone itself); downloads nothing.
-
-    Raises FileNotFoundError / ValueError naming the file for: a missing file, an unknown extension, an
-    unreadable file, missing backbone keys, or shape mismatches. Unexpected keys are logged and returned.
-    """
-    path = Path(path)
-    backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
-    sd = _read_state_dict(path)
-    expected = backbone.state_dict()
-
-    missing = [k for k in expected if k not in sd]
-    tolerated = [k for k in missing if k.endswith("num_batches_tracked")]
-    fatal = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if fatal:
-        raise ValueError(
-            f"pretrained checkpoint {str(path)!r} lacks {len(fatal)} backbone key(s), e.g. {fatal[:5]}; "
-            "it must be an HRNet (ImageNet or segmentation) checkpoint with the public key layout"
-        )
-    bad = [
-        (k, tuple(sd[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if k in sd and sd[k].shape != v.shape
-    ]
-    if bad:
-        k, got, want = bad[0]
-        raise ValueError(
-            f"pretrained checkpoint {str(path)!r} does not fit this backbone: {len(bad)} shape mismatch(es), "
-            f"e.g. {k!r} is {list(got)} but the model expects {list(want)}; the checkpoint looks like a "
-            "different HRNet width/variant - pick the matching variant"
-        )
-    unexpected = sorted(k for k in sd if k not in expected)
-    if unexpected:
-        logger.info(
-            "pretrained checkpoint %s: ignoring %d key(s) not in the backbone, e.g. %s",
-            path,
-            len(unexpected),
-            unexpected[:5],
-        )
-    backbone.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
-    return LoadReport(missing=tolerated, unexpected=unexpected)

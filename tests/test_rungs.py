@@ -1,0 +1,133 @@
+"""`rungs.Rungs` decides exactly as Ray Tune's own ASHA bracket, and keeps deciding so after a restart."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from raycontrast.rungs import Rungs
+
+tune_asha = pytest.importorskip("ray.tune.schedulers.async_hyperband")
+
+
+class _Trial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def _reports(seed: int, n_trials: int = 12, max_t: int = 16, step: int = 2):
+    """Interleaved reports (trial, iteration, value) of trials that each report every `step` iterations."""
+    rng = random.Random(seed)
+    pending = {f"t{i}": step for i in range(n_trials)}
+    out = []
+    while pending:
+        tid = rng.choice(sorted(pending))
+        it = pending[tid]
+        value = math.nan if rng.random() < 0.05 else rng.random()
+        out.append((tid, it, value))
+        pending[tid] = it + step
+        if pending[tid] > max_t or rng.random() < 0.1:
+            del pending[tid]
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # Tune's reference, on all-NaN rungs
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("grace", "rf"), [(2, 2.0), (4, 3.0), (2, 2.5)])
+def test_same_decisions_as_tunes_asha(seed: int, grace: int, rf: float) -> None:
+    max_t = 16
+    ref = tune_asha._Bracket(grace, max_t, rf, s=0)
+    ours = Rungs(grace, max_t, rf)
+    assert ours.milestones == sorted(m for m, _ in ref._rungs)
+    stopped: set[str] = set()
+    for tid, it, value in _reports(seed, max_t=max_t):
+        if tid in stopped:
+            continue  # Tune stops the trial: it reports no more
+        want = it >= max_t or ref.on_result(_Trial(tid), it, value) == "STOP"
+        assert ours.judge(tid, it, value) == want, (tid, it)
+        if want:
+            stopped.add(tid)
+    for m, recorded in ref._rungs:
+        assert dict(ours.records[m]) == pytest.approx(recorded, nan_ok=True)
+
+
+def test_a_restored_record_decides_as_the_uninterrupted_one() -> None:
+    reports = _reports(3)
+    full, stops = Rungs(2, 16, 2.0), []
+    for tid, it, v in reports:
+        stops.append(full.judge(tid, it, v))
+    cut = len(reports) // 2
+    first = Rungs(2, 16, 2.0)
+    for tid, it, v in reports[:cut]:
+        first.judge(tid, it, v)
+    restored = Rungs.from_dict(json.loads(json.dumps(first.to_dict())))  # through JSON, as on storage
+    assert [restored.judge(tid, it, v) for tid, it, v in reports[cut:]] == stops[cut:]
+
+
+def test_a_replayed_trial_keeps_its_decisions_and_records() -> None:
+    r = Rungs(2, 16, 2.0)
+    for tid, v in (("a", 0.6), ("b", 0.7), ("c", 0.8), ("d", 0.9)):
+        assert r.judge(tid, 2, v) is False  # the first trial at a rung always continues
+    assert r.judge("a", 4, 0.95) is False and r.judge("b", 4, 0.1) is True  # b is below the cutoff at 4
+    # After a restart the trials resume from older checkpoints and report again.
+    assert r.judge("b", 4, 0.1) is True  # the recorded stop is applied again
+    assert r.judge("c", 6, 0.99) is False  # c resumed past milestone 4: judged there once, with this value
+    assert r.recorded_at("c") == {2: 0.8, 4: 0.99}
+    assert r.judge("c", 8, 0.99) is False and r.recorded_at("c")[8] == 0.99
+    assert r.recorded_at("a") == {2: 0.6, 4: 0.95}  # a replayed report at 2 records nothing new
+    assert r.judge("a", 2, 0.0) is False and r.recorded_at("a") == {2: 0.6, 4: 0.95}
+    r.forget({"a"})
+    assert r.recorded_at("a") == {}
+
+
+@pytest.mark.parametrize("damage", [b"", b"\x80\x05 cut short"])
+def test_a_searcher_state_cut_short_by_a_kill_is_restored_from_storage(tmp_path, damage):
+    """Tune copies its searcher file to storage after the experiment state; a driver killed during that copy
+    leaves it empty or cut short, and Tune would then restart the whole search from scratch. The copy the
+    searcher itself wrote atomically at the same save is used instead."""
+    import pyarrow.fs as pafs
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raycontrast.search import SearchSchedule
+
+    fs, folder = pafs.LocalFileSystem(), str(tmp_path / "exp")
+    fs.create_dir(folder)
+    inner = OptunaSearch(space={"x": tune.uniform(0, 1)}, seed=3)
+    inner.set_search_properties("val_miou", "max", {})
+    first = SearchSchedule(inner, fs, folder)
+    first.started, first.live = 2, {"t1"}
+    tune_copy = tmp_path / "searcher-state-x.pkl"
+    first.save(str(tune_copy))
+    tune_copy.write_bytes(damage)
+    again = SearchSchedule(OptunaSearch(seed=3), fs, folder)
+    again.restore(str(tune_copy))
+    assert again.started == 2 and again.live == {"t1"} and again.inner._space
+    (tmp_path / "exp" / "searcher.pkl").unlink()
+    with pytest.raises(RuntimeError, match="is damaged .* cannot be resumed"):
+        SearchSchedule(OptunaSearch(seed=3), fs, folder).restore(str(tune_copy))
+
+
+def test_a_search_whose_state_tune_could_not_restore_is_not_started_over(tmp_path):
+    """When Tune cannot restore a search it starts a fresh one ("Restarting experiment"): every trial would
+    run again. A searcher that was never restored, in an experiment whose tables hold trials, refuses."""
+    import pyarrow.fs as pafs
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raycontrast.experiment import SearchStateError
+    from raycontrast.results import ResultsWriter
+    from raycontrast.search import SearchSchedule
+
+    fs, folder = pafs.LocalFileSystem(), str(tmp_path / "exp")
+    writer = ResultsWriter(f"{folder}/tables", class_names=["a"], searched_keys=[])
+    writer.flush()  # the tables a shared warm-up writes before any trial: no rows
+    fresh = SearchSchedule(OptunaSearch(seed=0), fs, folder)
+    fresh._refuse_a_silent_restart()  # a new search: nothing to lose
+    assert fresh._restored
+    writer.on_report("t1", {}, {"iteration": 2, "val_miou": 0.1})
+    writer.flush()
+    with pytest.raises(SearchStateError, match="could not be restored .* refusing to start the search over"):
+        SearchSchedule(OptunaSearch(seed=0), fs, folder).suggest("t2")
