@@ -123,6 +123,7 @@ def _status(url: str, env: dict, sid: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
 
 
+@pytest.mark.extended
 def test_a_search_job_stopped_then_resumed_by_another_job_finishes(tmp_path, head_node) -> None:
     url, env = head_node
     base = [sys.executable, "experiments/tune.py", "--config", "configs/smoke.yaml", "--no-analyze"]

@@ -99,6 +99,7 @@ def _same_model(a: dict, b: dict) -> None:
 # ------------------------------------------------------------------------- Ray: SIGKILL of a worker
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 @pytest.mark.ray
 def test_worker_sigkill_restarts_group_and_resumes(reference, workdir):

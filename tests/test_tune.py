@@ -181,6 +181,7 @@ def test_eval_on_ray_workers_adds_up_the_shards(uninterrupted) -> None:
     assert abs(there.miou - here.miou) <= 1e-6, (there.miou, here.miou)
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_the_reports_commands_take_the_search_to_a_model(uninterrupted, tmp_path) -> None:
     """Each command the report prints, run as printed (retrain, eval with TTA, predict, export); and the best
@@ -219,6 +220,7 @@ CURVE_VALUES = ["iteration", "lr", "loss", "ce_loss", "contrast_loss", "val_miou
                 "hard_share", "intra_cos", "inter_cos", "memory_fill", "nonfinite_steps"]  # fmt: skip
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_shared_warm_up_gives_the_tables_of_an_unshared_search(tmp_path, ray_cluster) -> None:
     """The smoke search with a 2-iteration warm-up, once sharing it (a trunk trained once, every trial
@@ -307,6 +309,7 @@ def _reported(exp: Path, n_trials: int) -> bool:
     return (t["curves"]["trial_id"] == newest).any()
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_interrupted_twice_ends_with_the_same_tables(tmp_path, ray_cluster, uninterrupted) -> None:
     """SIGINT once, SIGKILL once, each followed by --resume: the same trials table as the uninterrupted
