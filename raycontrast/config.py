@@ -187,6 +187,17 @@ class TrainSection(_Section):
     preemption_poll_interval: int = Field(10, ge=0)
 
 
+class SearcherSection(_Section):
+    """Optuna's TPE sampler, which suggests every trial past the published points."""
+
+    # Trials TPE samples at random before it models the results, the published points among them (Optuna
+    # counts them). None: a quarter of tune.num_samples, at least 2 past the published points, at most 10
+    # (Optuna's own default, 10, would leave a 16-trial search mostly random). See `space.startup_trials`.
+    n_startup_trials: int | None = Field(None, ge=0)
+    seed: int | None = None  # None: run.seed
+    multivariate: bool = True  # model the searched keys jointly (Optuna's default for one objective)
+
+
 class TuneSection(_Section):
     # Default space: the three knobs the paper studies (temperature, memory size, loss weight).
     space: dict[str, Any] = {
@@ -195,6 +206,7 @@ class TuneSection(_Section):
         "loss.weight": {"loguniform": [0.01, 1.0]},
     }
     num_samples: int = Field(16, ge=1)  # trials in the search
+    searcher: SearcherSection = SearcherSection()
     scheduler: Literal["asha", "fifo"] = "asha"  # ASHA early stopping on training iterations
     grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = Field(2.0, gt=1)  # ASHA halving rate

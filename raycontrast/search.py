@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import ray
+from optuna.samplers import TPESampler
 from ray.tune import Callback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -33,7 +34,7 @@ from raycontrast.experiment import ExperimentRecord, SearchStateError
 from raycontrast.plan import plan_resources
 from raycontrast.results import ResultsWriter
 from raycontrast.rungs import Rungs
-from raycontrast.space import parse_space
+from raycontrast.space import parse_space, startup_trials
 from raycontrast.storage import Storage, disk_use, exists, run_storage, write_atomic
 from raycontrast.trunk import plan_sharing
 
@@ -49,6 +50,7 @@ __all__ = [
     "TablesCallback",
     "asha_schedule",
     "decode_params",
+    "optuna_search",
 ]
 
 METRIC, MODE, ITERATION = "val_miou", "max", "iteration"
@@ -138,6 +140,18 @@ class RungScheduler(FIFOScheduler, _FromRecord):
     def debug_string(self) -> str:
         cutoffs = ", ".join(f"{m:g}: {self.rungs.cutoff(m)}" for m in self.rungs.milestones)
         return f"ASHA rungs (iteration: cutoff) {cutoffs}"
+
+
+def optuna_search(cfg: Config, points: list[dict[str, Any]] | None) -> OptunaSearch:
+    """Ray's Optuna searcher with the TPE sampler of `tune.searcher`; `points`: the published points, in
+    Tune's encoding, suggested first."""
+    s = cfg.tune.searcher
+    sampler = TPESampler(
+        n_startup_trials=startup_trials(cfg),
+        seed=cfg.run.seed if s.seed is None else s.seed,
+        multivariate=s.multivariate,
+    )
+    return OptunaSearch(points_to_evaluate=points, sampler=sampler)
 
 
 class SearchSchedule(Searcher, _FromRecord):

@@ -109,3 +109,29 @@ def initial_points(cfg: Config, params: Sequence[Param]) -> list[dict[str, Any]]
         if kept and kept not in points:
             points.append(kept)
     return points
+
+
+def startup_trials(cfg: Config) -> int:
+    """How many of the search's first trials Optuna's TPE samples at random (`tune.searcher.n_startup_trials`,
+    else derived from `tune.num_samples`), counting the published points, which Optuna runs first."""
+    t = cfg.tune
+    if t.searcher.n_startup_trials is not None:
+        return t.searcher.n_startup_trials
+    published = len(t.points_to_evaluate)
+    return min(max(round(t.num_samples / 4), published + 2), max(10, published))
+
+
+def describe_searcher(cfg: Config, concurrent: int) -> str:
+    """One line for the plan: how many trials are published points, random, and modelled by TPE."""
+    t = cfg.tune
+    published = min(len(t.points_to_evaluate), t.num_samples)
+    random = min(max(startup_trials(cfg) - published, 0), t.num_samples - published)
+    modelled = t.num_samples - published - random
+    seed = cfg.run.seed if t.searcher.seed is None else t.searcher.seed
+    line = (
+        f"searcher: Optuna TPE ({'multivariate' if t.searcher.multivariate else 'independent'}, seed {seed}): "
+        f"{published} published point(s), {random} random, then {modelled} modelled of {t.num_samples} trials"
+    )
+    if modelled and concurrent > 1:  # TPE models only ended trials: those still running add random ones
+        line += f" (up to {min(concurrent - 1, modelled)} more random while {concurrent} run at once)"
+    return line

@@ -27,7 +27,6 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from raycontrast.checkpoint import checkpoint_iteration, list_checkpoints, load_latest, save_state
 from raycontrast.config import Config, ConfigError, apply_overrides
@@ -50,8 +49,9 @@ from raycontrast.search import (
     TablesCallback,
     asha_schedule,
     decode_params,
+    optuna_search,
 )
-from raycontrast.space import Param, initial_points, parse_space
+from raycontrast.space import Param, describe_searcher, initial_points, parse_space
 from raycontrast.storage import (
     Storage,
     absolute_paths,
@@ -232,6 +232,7 @@ def _plan(cfg: Config, storage: Storage) -> Plan:
         node_ids=[n["NodeID"] for n in nodes], excluded=excluded, val_size=info.image_size or (c.height, c.width),
     )  # fmt: skip
     print(plan.describe(), flush=True)
+    print(describe_searcher(cfg, plan.max_concurrent), flush=True)
     return plan
 
 
@@ -299,7 +300,7 @@ def _tuner(
         )
     folder = storage.path(name)
     points = _encode_points(initial_points(cfg, params), json_keys) or None
-    searcher = SearchSchedule(OptunaSearch(points_to_evaluate=points, seed=cfg.run.seed), storage.fs, folder)
+    searcher = SearchSchedule(optuna_search(cfg, points), storage.fs, folder)
     scheduler = RungScheduler(storage.fs, folder) if cfg.tune.scheduler == "asha" else FIFOScheduler()
     return tune.Tuner(
         trainable,

@@ -28,9 +28,9 @@ from conftest import DDP, ROOT, SMOKE, tiny_config
 from fault_hooks import FaultHooks
 
 ray = pytest.importorskip("ray")
-from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from raycontrast import train, tune  # noqa: E402
+from raycontrast.search import optuna_search  # noqa: E402
 from raycontrast.space import initial_points, parse_space  # noqa: E402
 
 # The report log below runs in the Train controller, which cannot import this test module.
@@ -275,7 +275,7 @@ def test_tune_driver_sigint_then_sigkill_resumes(tmp_path, ray_cluster):
         if r.status == "TERMINATED":
             assert t.value == pytest.approx(r.last_val_miou)
     params = parse_space(cfg)
-    fresh = OptunaSearch(points_to_evaluate=initial_points(cfg, params), seed=cfg.run.seed)
+    fresh = optuna_search(cfg, initial_points(cfg, params))
     fresh.set_search_properties(tune.METRIC, tune.MODE, tune.to_tune_space(params))
     expected = [fresh.suggest(f"ref{i}") for i in range(cfg.tune.num_samples)]
     assert [t.params for t in study] == expected

@@ -12,7 +12,7 @@ import pytest
 from raycontrast import plan as plan_mod
 from raycontrast import storage
 from raycontrast.config import ConfigError, apply_overrides, load_config
-from raycontrast.space import parse_space
+from raycontrast.space import describe_searcher, parse_space, startup_trials
 
 ray = pytest.importorskip("ray")
 tune_mod = pytest.importorskip("raycontrast.tune")
@@ -65,6 +65,61 @@ def test_list_choices_travel_as_json_and_decode_to_config_values() -> None:
     decoded = tune_mod.decode_params({"data.crop_size": "[32, 64]"}, {"data.crop_size"})
     assert apply_overrides(cfg, decoded).data.crop_size == (32, 64)
     assert tune_mod.decode_params({"memory.size": np.int64(5)}, set()) == {"memory.size": 5}
+
+
+# ---------------------------------------------------------------------------------------- searcher
+
+
+@pytest.mark.parametrize(
+    ("samples", "points", "expected"),
+    [(16, 2, 4), (6, 2, 4), (3, 2, 4), (8, 0, 2), (40, 2, 10), (400, 0, 10), (30, 12, 12)],
+)
+def test_tpe_start_up_grows_with_the_trial_count(samples: int, points: int, expected: int) -> None:
+    pts = [{"loss.temperature": 0.1 + 0.01 * i} for i in range(points)]
+    cfg = _cfg(**{"tune.num_samples": samples, "tune.points_to_evaluate": pts})
+    assert startup_trials(cfg) == expected
+    assert startup_trials(apply_overrides(cfg, {"tune.searcher.n_startup_trials": 7})) == 7
+
+
+def test_the_plan_says_how_many_trials_are_random() -> None:
+    cfg = _cfg(**{"tune.num_samples": 16, "tune.searcher.seed": 3})
+    assert describe_searcher(cfg, 4) == (
+        "searcher: Optuna TPE (multivariate, seed 3): 2 published point(s), 2 random, then 12 modelled of 16 "
+        "trials (up to 3 more random while 4 run at once)"
+    )
+    few = apply_overrides(cfg, {"tune.searcher.n_startup_trials": 20, "tune.searcher.multivariate": False})
+    assert describe_searcher(few, 4) == (
+        "searcher: Optuna TPE (independent, seed 3): 2 published point(s), 14 random, then 0 modelled of 16 trials"
+    )
+
+
+def test_the_searcher_follows_tune_searcher() -> None:
+    from raycontrast.search import optuna_search
+
+    cfg = _cfg(**{"tune.num_samples": 16, "tune.points_to_evaluate": [], "tune.searcher.seed": 7})
+    space = tune_mod.to_tune_space(parse_space(cfg))
+    sampler = optuna_search(cfg, None)._sampler
+    assert (sampler._n_startup_trials, sampler._multivariate) == (4, True)
+
+    def suggestions(c, n: int = 4) -> list[dict]:
+        """`n` suggestions, each trial ending with a value before the next is asked for."""
+        s = optuna_search(c, None)
+        s.set_search_properties(tune_mod.METRIC, tune_mod.MODE, space)
+        out = []
+        for i in range(n):
+            out.append(s.suggest(f"t{i}"))
+            s.on_trial_complete(f"t{i}", {tune_mod.METRIC: out[-1]["loss.weight"]})
+        return out
+
+    assert (
+        suggestions(cfg) == suggestions(cfg) != suggestions(apply_overrides(cfg, {"tune.searcher.seed": 8}))
+    )
+    two = apply_overrides(cfg, {"tune.searcher.n_startup_trials": 2})
+    all_random = apply_overrides(cfg, {"tune.searcher.n_startup_trials": 100})
+    modelled, random = suggestions(two), suggestions(all_random)
+    assert modelled[:2] == random[:2] and modelled[2:] != random[2:]  # TPE takes over after 2 trials
+    with pytest.raises(ConfigError, match="tune.searcher.n_startup_trials"):
+        apply_overrides(cfg, {"tune.searcher.n_startup_trials": -1})
 
 
 # --------------------------------------------------------------------------------------- resources
