@@ -7,7 +7,9 @@
 
 The best trial is the one with the highest best val mIoU among finished trials (TERMINATED or STOPPED_EARLY;
 ties go to the earlier-started trial). Trials stopped early by ASHA count with the best mIoU they reached, as
-ASHA judged them on exactly that. Importance rebuilds an Optuna study from the table and uses Optuna's fANOVA
+ASHA judged them on exactly that. Importance compares trials on one budget (`importance_values`): the trials
+that ran the full budget when at least 3 did, else every finished trial at the latest evaluation all of them
+reached; the report says which. It rebuilds an Optuna study from those values and uses Optuna's fANOVA
 evaluator with a fixed seed: Optuna 5's default (PED-ANOVA) looks only at the top 10% of trials and wants at least
 5 of them, which a search of 6-20 trials never has (on 6 synthetic trials it gave the one parameter that set the
 value 0.42 of the importance, fANOVA 0.73).
@@ -113,19 +115,44 @@ def _config_yaml(flat: dict[str, Any], header: str) -> tuple[dict[str, Any], str
 # ---------------------------------------------------------------------------------------- importance
 
 
-def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, float] | None, str]:
-    """fANOVA importance of the searched keys for best val mIoU over finished trials, or (None, why not)."""
+FULL_BUDGET_MIN = 3  # trials that ran the full budget before importance uses those alone
+FULL_BUDGET = "trials that ran the full budget (best val mIoU)"
+
+
+def importance_values(trials: pd.DataFrame, curves: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """The trials importance is computed over, each with a `value`, all on one budget: the trials that ran
+    the full budget (TERMINATED) with their best val mIoU, the value the report ranks by, when at least
+    `FULL_BUDGET_MIN` did; else every finished trial's val mIoU at the latest evaluation all of them reached
+    (from `curves`), as ASHA compares them at a rung. Returns (rows, which trials and value, in words)."""
+    done = rank_trials(trials)
+    full = done[done["status"] == "TERMINATED"]
+    if len(full) >= FULL_BUDGET_MIN or curves is None or len(done) == len(full):
+        return full.assign(value=full["best_val_miou"]), FULL_BUDGET
+    c = curves[curves["trial_id"].isin(done["trial_id"]) & curves["val_miou"].notna()]
+    reached = [set(g["iteration"]) for _, g in c.groupby("trial_id")]
+    common = set.intersection(*reached) if len(reached) == len(done) else set()
+    if not common:
+        return full.assign(value=full["best_val_miou"]), FULL_BUDGET
+    at = max(common)
+    values = (
+        c[c["iteration"] == at].drop_duplicates("trial_id", keep="last").set_index("trial_id")["val_miou"]
+    )
+    rows = done.assign(value=done["trial_id"].map(values))
+    return rows, f"finished trials (val mIoU at iteration {at}, the latest evaluation all of them reached)"
+
+
+def param_importance(
+    trials: pd.DataFrame, curves: pd.DataFrame | None = None, seed: int = 0
+) -> tuple[dict[str, float] | None, str]:
+    """fANOVA importance of the searched keys on one budget (`importance_values`), or (None, why not)."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    done = rank_trials(trials)
+    done, budget = importance_values(trials, curves)
     if len(done) < 2:
-        return (
-            None,
-            f"importance unavailable: needs at least 2 finished trials with a val mIoU, found {len(done)}",
-        )
-    if done["best_val_miou"].nunique() < 2:
-        return None, "importance unavailable: every finished trial reached the same val mIoU"
+        return None, f"importance unavailable: needs at least 2 {budget}, found {len(done)}"
+    if done["value"].nunique() < 2:
+        return None, f"importance unavailable: the {len(done)} {budget} have the same val mIoU"
     dists, constant = {}, []
     for key in _searched(trials):
         vals = column_values(done[key])
@@ -141,7 +168,7 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
         else:
             dists[key] = CategoricalDistribution(sorted({v for v in present}, key=repr))
     if not dists:
-        return None, "importance unavailable: no searched parameter varied across finished trials"
+        return None, f"importance unavailable: no searched parameter varied across the {len(done)} {budget}"
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -156,7 +183,7 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
                 optuna.trial.create_trial(
                     params=params,
                     distributions={k: dists[k] for k in params},
-                    value=float(row["best_val_miou"]),
+                    value=float(row["value"]),
                 )
             )
         with warnings.catch_warnings():
@@ -167,7 +194,7 @@ def param_importance(trials: pd.DataFrame, seed: int = 0) -> tuple[dict[str, flo
         return None, f"importance unavailable: {exc}"
     finally:
         optuna.logging.set_verbosity(verbosity)
-    note = f"fANOVA (seed {seed}) over {len(done)} finished trials"
+    note = f"fANOVA (seed {seed}) over {len(done)} {budget}"
     if constant:
         note += f"; constant across them, left out: {', '.join(constant)}"
     return {k: float(v) for k, v in imp.items()}, note
@@ -320,7 +347,7 @@ def analyze(
         )
         best_nested, text = _config_yaml(flat, header)
         put("best_config.yaml", text, "best_config")
-    importance, imp_note = param_importance(trials)
+    importance, imp_note = param_importance(trials, curves)
 
     top_ids = top["trial_id"].astype(str).tolist()
     if len(trials):

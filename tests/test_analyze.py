@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
-from raycontrast.analyze import analyze, param_importance
+from raycontrast.analyze import analyze, importance_values, param_importance
 from raycontrast.config import apply_overrides, flatten, load_config
 from raycontrast.results import ResultsWriter, load_results
 
@@ -26,8 +27,10 @@ def _miou(temperature: float) -> float:
     return 0.2 + 0.5 * math.log(temperature / T_LOW) / math.log(T_HIGH / T_LOW)
 
 
-def build_search(tables_dir: Path, n: int, *, errored: int | None = None, stopped: int | None = None) -> dict:
-    """n trials `t00`..; trial `errored` fails with a non-finite loss, trial `stopped` reports one window only.
+def build_search(
+    tables_dir: Path, n: int, *, errored: int | None = None, stopped: Collection[int] = ()
+) -> dict:
+    """n trials `t00`..; trial `errored` fails with a non-finite loss, the `stopped` ones report one window only.
 
     loss.weight and memory.size are noise: drawn independently of the temperature.
     Returns {trial_id: (temperature, expected best mIoU)}.
@@ -57,7 +60,7 @@ def build_search(tables_dir: Path, n: int, *, errored: int | None = None, stoppe
         flat, top = flatten(cfg), _miou(float(t))
         clock[0] += 10.0
         w.on_trial_start(tid, flat)
-        iters, reported = ([2] if i == stopped else [2, 4, 6]), []
+        iters, reported = ([2] if i in stopped else [2, 4, 6]), []
         for it in iters:
             clock[0] += 3.0
             # peak at iteration 4 for odd trials (then a dip), at the last one for even trials
@@ -89,7 +92,7 @@ def _metrics(it: int, miou: float, i: int) -> dict:
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
     exp = tmp_path_factory.mktemp("store") / "smoke"
-    expected = build_search(exp / "tables", 6, errored=2, stopped=5)
+    expected = build_search(exp / "tables", 6, errored=2, stopped=(5,))
     report = analyze(exp, top_k=3)
     return exp, expected, report
 
@@ -127,6 +130,26 @@ def test_importance_on_fixture(search):
     assert sum(report.importance.values()) == pytest.approx(1.0)
     assert report.importance["loss.temperature"] > report.importance["loss.weight"]
     assert report.importance["loss.temperature"] > report.importance["memory.size"]
+
+
+def test_importance_compares_trials_on_one_budget(search, tmp_path):
+    """With 3 trials or more that ran the full budget, those alone by best val mIoU; with fewer, every
+    finished trial at the latest evaluation all of them reached (a stopped trial's budget is no full one)."""
+    _, _, report = search
+    assert report.importance_note.startswith("fANOVA (seed 0) over 4 trials that ran the full budget")
+    build_search(tmp_path / "tables", 6, stopped=(0, 1, 2, 3))
+    tables = load_results(tmp_path)
+    rows, what = importance_values(tables["trials"], tables["curves"])
+    assert what.startswith("finished trials (val mIoU at iteration 2,") and len(rows) == 6
+    at_2 = tables["curves"].query("iteration == 2").set_index("trial_id")["val_miou"]
+    assert rows.set_index("trial_id")["value"].to_dict() == pytest.approx(at_2.to_dict())
+    rows, what = importance_values(tables["trials"])  # no curves: the full-budget trials, however few
+    assert sorted(rows["trial_id"]) == ["t04", "t05"] and what.startswith("trials that ran the full budget")
+    imp, note = param_importance(tables["trials"], tables["curves"])
+    assert imp is not None and note.startswith(
+        "fANOVA (seed 0) over 6 finished trials (val mIoU at iteration 2"
+    )
+    assert max(imp, key=imp.get) == "loss.temperature"
 
 
 def test_importance_deterministic(tmp_path):
