@@ -41,7 +41,16 @@ from raycontrast.plots import (
 from raycontrast.results import load_results, trial_config
 from raycontrast.storage import is_uri, locate, shown_path, write_atomic
 
-__all__ = ["AnalysisReport", "analyze", "param_importance", "rank_trials", "startup_overhead"]
+__all__ = [
+    "AnalysisReport",
+    "analyze",
+    "best_trials",
+    "confirmation_verdict",
+    "param_importance",
+    "rank_configs",
+    "rank_trials",
+    "startup_overhead",
+]
 
 
 @dataclass
@@ -110,6 +119,61 @@ def _config_yaml(flat: dict[str, Any], header: str) -> tuple[dict[str, Any], str
         header += f"# note: not valid for this raycontrast version ({str(exc).splitlines()[0]})\n"
         body = yaml.safe_dump(nested, sort_keys=False)
     return nested, header + body
+
+
+def rank_configs(trials: pd.DataFrame) -> pd.DataFrame:
+    """The searched configs that ran to the full budget with two seeds or more (`tune.confirm`), by mean
+    best val mIoU over those runs, best first: `trial_ids` (the first is the search's own), `seeds`,
+    `values`, `mean`, `std` (sample standard deviation), `n`. Empty when no config did."""
+    cols = ["trial_ids", "seeds", "values", "mean", "std", "n"]
+    keys = _searched(trials)
+    full = trials[(trials["status"] == "TERMINATED") & trials["best_val_miou"].notna()]
+    if not keys or "run.seed" not in full or full.empty:
+        return pd.DataFrame(columns=cols)
+    if "started_at" in full:
+        full = full.sort_values("started_at", kind="stable", na_position="last")
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for rec in full.to_dict("records"):
+        groups.setdefault(tuple(repr(rec[k]) for k in keys), []).append(rec)
+    rows = []
+    for recs in groups.values():
+        seeds = [int(r["run.seed"]) for r in recs]
+        if len(set(seeds)) < 2:
+            continue
+        values = np.array([float(r["best_val_miou"]) for r in recs])
+        ids = [str(r["trial_id"]) for r in recs]
+        rows.append([ids, seeds, values.tolist(), values.mean(), values.std(ddof=1), len(values)])
+    ranked = pd.DataFrame(rows, columns=cols)
+    return ranked.sort_values("mean", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def best_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The one best-trial rule, shared by `analyze`, the search summary and `raycontrast eval/predict/export`:
+    `rank_trials`, except that when configs ran with several seeds (`rank_configs`), the runs of the config
+    with the best mean come first (its best run first)."""
+    ranked = rank_trials(trials)
+    configs = rank_configs(trials)
+    if configs.empty:
+        return ranked
+    first = ranked["trial_id"].astype(str).isin(configs.iloc[0]["trial_ids"])
+    return pd.concat([ranked[first], ranked[~first]])
+
+
+def confirmation_verdict(configs: pd.DataFrame) -> str:
+    """Whether the best config's lead over the runner-up (means over seeds) exceeds the seeds' spread."""
+    if configs.empty:
+        return ""
+    w = configs.iloc[0]
+    if len(configs) == 1:
+        return f"only one config ran with several seeds ({w['mean']:.4f} ± {w['std']:.4f} over {w['n']}): no lead to judge"
+    r = configs.iloc[1]
+    lead, spread = w["mean"] - r["mean"], max(w["std"], r["std"])
+    if lead > spread:
+        return f"the best config leads the runner-up by {lead:.4f} mIoU, more than the seeds' spread (std up to {spread:.4f})"
+    return (
+        f"the best config leads the runner-up by {lead:.4f} mIoU, within the seeds' spread (std up to "
+        f"{spread:.4f}): the two are not told apart by these seeds"
+    )
 
 
 # ---------------------------------------------------------------------------------------- importance
@@ -243,9 +307,8 @@ def _overhead(trials: pd.DataFrame, curves: pd.DataFrame) -> str:
 def _report_md(
     name: str, trials: pd.DataFrame, curves: pd.DataFrame, keys: list[str], top: pd.DataFrame, top_k: int,
     importance: dict[str, float] | None, imp_note: str, plots: list[str], trunk_s: float = 0.0,
-    commands: dict[str, str] | None = None,
+    commands: dict[str, str] | None = None, best: pd.Series | None = None, configs: pd.DataFrame | None = None,
 ) -> str:  # fmt: skip
-    best = top.iloc[0] if len(top) else None
     counts = trials["status"].value_counts().to_dict()
     md = [f"# Search analysis: {name}", ""]
     md.append(
@@ -264,6 +327,15 @@ def _report_md(
         md += ["", "| setting | value |", "|---|---|"]
         md += [f"| `{k}` | {_fmt(column_values(pd.Series([best[k]]))[0])} |" for k in keys]
         md += ["", "Full config: [best_config.yaml](best_config.yaml) (run name of its own)."]
+    if configs is not None and len(configs):
+        md += ["", "## Confirmed across seeds", "", confirmation_verdict(configs) + ".", ""]
+        md += [f"| rank | {' | '.join(f'`{k}`' for k in keys)} | val mIoU mean ± std | seeds | runs |"]
+        md += ["|---|" + "---|" * len(keys) + "---|---|---|"]
+        for i, c in configs.iterrows():
+            first = trials[trials["trial_id"].astype(str) == c["trial_ids"][0]].iloc[0]
+            vals = " | ".join(_fmt(column_values(pd.Series([first[k]]))[0]) for k in keys)
+            runs = ", ".join(f"`{t}` {v:.4f}" for t, v in zip(c["trial_ids"], c["values"], strict=True))
+            md.append(f"| {i + 1} | {vals} | {c['mean']:.4f} ± {c['std']:.4f} | {c['seeds']} | {runs} |")
     if commands:
         md += ["", "## From the search to a model", ""]
         for key, cmd in commands.items():
@@ -325,9 +397,10 @@ def analyze(
     trials.attrs = tables["trials"].attrs
     curves, class_iou = tables["curves"], tables["class_iou"]
     keys = _searched(trials)
-    ranked = rank_trials(trials)
+    ranked, configs = rank_trials(trials), rank_configs(trials)
     top = ranked.head(top_k)
-    best = ranked.iloc[0] if len(ranked) else None
+    leaders = best_trials(trials)
+    best = leaders.iloc[0] if len(leaders) else None
     name = posixpath.basename(exp_dir.rstrip("/"))
     paths: dict[str, str] = {}
 
@@ -376,7 +449,21 @@ def analyze(
     )
     put(
         "report.md",
-        _report_md(name, trials, curves, keys, top, top_k, importance, imp_note, plots, trunk_s, commands),
+        _report_md(
+            name,
+            trials,
+            curves,
+            keys,
+            top,
+            top_k,
+            importance,
+            imp_note,
+            plots,
+            trunk_s,
+            commands,
+            best,
+            configs,
+        ),
         "report",
     )
 

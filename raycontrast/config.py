@@ -198,6 +198,14 @@ class SearcherSection(_Section):
     multivariate: bool = True  # model the searched keys jointly (Optuna's default for one objective)
 
 
+class ConfirmSection(_Section):
+    """After the search: the `top_k` configs (by best val mIoU) run again with each of `seeds` as run.seed,
+    as trials of the same experiment, to the full budget; the report ranks configs by the mean over seeds."""
+
+    top_k: int = Field(0, ge=0)  # 0: off
+    seeds: tuple[int, ...] = ()  # run.seed of each extra run; the search's own trials used run.seed
+
+
 class TuneSection(_Section):
     # Default space: the three knobs the paper studies (temperature, memory size, loss weight).
     space: dict[str, Any] = {
@@ -207,6 +215,7 @@ class TuneSection(_Section):
     }
     num_samples: int = Field(16, ge=1)  # trials in the search
     searcher: SearcherSection = SearcherSection()
+    confirm: ConfirmSection = ConfirmSection()
     scheduler: Literal["asha", "fifo"] = "asha"  # ASHA early stopping on training iterations
     grace_period: int = Field(1, ge=1)  # evaluations before ASHA may stop a trial
     reduction_factor: float = Field(2.0, gt=1)  # ASHA halving rate
@@ -254,6 +263,14 @@ class Config(_Section):
         if cw is not None and len(cw) != k:
             raise ValueError(
                 f"loss.class_weights: needs {k} weights for dataset '{self.data.dataset}', got {len(cw)}"
+            )
+        c = self.tune.confirm
+        if c.top_k and not c.seeds:
+            raise ValueError("tune.confirm.seeds: top_k > 0 needs at least one seed to run the winners with")
+        if self.run.seed in c.seeds or len(set(c.seeds)) != len(c.seeds):
+            raise ValueError(
+                f"tune.confirm.seeds: {list(c.seeds)} must be distinct and differ from run.seed "
+                f"({self.run.seed}), which the search's own trials use"
             )
         return self
 

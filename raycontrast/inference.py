@@ -4,7 +4,7 @@ A model SOURCE is any of:
 - a checkpoint folder (`checkpoint_*`, holding `state.pt`) or its `state.pt`;
 - a Train run folder (`<storage>/<run.name>`): its best checkpoint (the run's best val mIoU), else its newest;
 - an experiment folder (`<storage>/<search name>`, holding `tables/`): the best trial's best checkpoint
-  (`trials.best_checkpoint`, ranked by `analyze.rank_trials`);
+  (`trials.best_checkpoint`, ranked by `analyze.best_trials`);
 - a file written by `export_model` (`.safetensors`: inference weights, the config and the class names in
   its metadata).
 Paths may be URIs (`s3://...`); `locate` gives their filesystem.
@@ -85,11 +85,11 @@ def _run_best(fs: pafs.FileSystem, run: str) -> tuple[str, dict[str, Any] | None
 
 
 def _experiment_best(fs: pafs.FileSystem, exp: str) -> tuple[str, dict[str, Any] | None]:
-    from raycontrast.analyze import rank_trials  # analyze pulls in plotting; only sources that need it pay
+    from raycontrast.analyze import best_trials  # analyze pulls in plotting; only sources that need it pay
     from raycontrast.tables import load_results
 
     trials = load_results(exp, filesystem=fs)["trials"]
-    ranked = rank_trials(trials)
+    ranked = best_trials(trials)
     if ranked.empty:
         raise FileNotFoundError(f"search {exp}: no trial has been evaluated yet, so there is no best model")
     best = ranked.iloc[0]

@@ -14,6 +14,7 @@ resume) from storage when first used in a driver process, so what a resume may c
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 import time
@@ -39,6 +40,7 @@ from raycontrast.storage import Storage, disk_use, exists, run_storage, write_at
 from raycontrast.trunk import plan_sharing
 
 __all__ = [
+    "CONFIRM_KEY",
     "DIVERGED_KEY",
     "ITERATION",
     "METRIC",
@@ -50,6 +52,7 @@ __all__ = [
     "TablesCallback",
     "asha_schedule",
     "decode_params",
+    "is_confirmation",
     "optuna_search",
 ]
 
@@ -66,6 +69,14 @@ def decode_params(params: dict[str, Any], json_keys: set[str] | frozenset[str]) 
         v = v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v
         out[k] = json.loads(v) if k in json_keys and isinstance(v, str) else v
     return out
+
+
+CONFIRM_KEY = "run.seed"  # in a trial's params only for a confirmation trial (`tune.confirm`)
+
+
+def is_confirmation(params: dict[str, Any]) -> bool:
+    """A confirmation trial: one of the search's best configs run again with another seed."""
+    return CONFIRM_KEY in params
 
 
 def asha_schedule(cfg: Config) -> tuple[int, int, float]:
@@ -129,11 +140,13 @@ class RungScheduler(FIFOScheduler, _FromRecord):
         return DIVERGED_KEY not in result and ITERATION in result and METRIC in result
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        if not self._judgeable(result):
+        if not self._judgeable(result) or is_confirmation(trial.config):  # seeds run the full budget
             return TrialScheduler.CONTINUE
         return TrialScheduler.STOP if self._judge(trial, result) else TrialScheduler.CONTINUE
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if is_confirmation(trial.config):
+            return
         if result and self._judgeable(result):  # as Tune's ASHA: the last result is recorded too
             self._judge(trial, result)
 
@@ -164,6 +177,10 @@ class SearchSchedule(Searcher, _FromRecord):
     - Optuna learns each trial's val mIoU at ASHA's milestones as intermediate values (step = iteration),
       the final val mIoU of a trial that ran to `train.iterations` (COMPLETE), PRUNED for a trial ASHA
       stopped, FAIL for an error or a divergence.
+    - Confirmation (`tune.confirm`): once every search trial has ended, the `top_k` configs by best val
+      mIoU (`analyze.rank_trials`) are suggested again with each of `seeds` as `run.seed` (`CONFIRM_KEY`).
+      Optuna never sees those trials, ASHA never stops them, and they train from scratch (another seed
+      changes the warm-up).
     """
 
     RECHECK_S = 5.0  # how often the cluster's resources are read again
@@ -174,6 +191,11 @@ class SearchSchedule(Searcher, _FromRecord):
         self.inner = inner
         self.started = 0
         self.live: set[str] = set()
+        self.suggested: dict[str, dict[str, Any]] = {}  # search trial -> its params, in start order
+        self.best: dict[str, float] = {}  # search trial -> best val mIoU reported
+        self.ended: dict[str, str] = {}  # search trial that finished -> TERMINATED / STOPPED_EARLY
+        self.confirmations: list[dict[str, Any]] | None = None  # fixed once the search trials end
+        self.confirm_ids: list[str] = []  # the confirmation trials started, in order
         self._restored = False  # by `restore`; a fresh search's first `suggest` sets it too
         self._concurrency: tuple[float, int] | None = None  # (read at, value)
 
@@ -199,19 +221,57 @@ class SearchSchedule(Searcher, _FromRecord):
         if not getattr(self, "_restored", False) and self.started == 0:  # absent in older saved searchers
             self._refuse_a_silent_restart()
         if self.started >= self.cfg.tune.num_samples:
-            return Searcher.FINISHED
+            return self._confirm(trial_id)
         if len(self.live) >= self.concurrency():
             return None  # Tune asks again later
         suggestion = self.inner.suggest(trial_id)
         if isinstance(suggestion, dict):
             self.started += 1
             self.live.add(trial_id)
+            self.suggested[trial_id] = suggestion
         return suggestion
+
+    def _confirm(self, trial_id: str) -> dict[str, Any] | str | None:
+        """The next confirmation trial's params; None while search trials run (the ranking is not final)."""
+        c = self.cfg.tune.confirm
+        if not c.top_k:
+            return Searcher.FINISHED
+        if self.confirmations is None:
+            if self.live - set(self.confirm_ids):
+                return None
+            self.confirmations = self._confirmations()
+            print(
+                f"confirm: {len(self.confirmations)} trial(s), the top {c.top_k} with seeds {list(c.seeds)}"
+            )
+        if len(self.confirm_ids) >= len(self.confirmations):
+            return Searcher.FINISHED
+        if len(self.live) >= self.concurrency():
+            return None
+        params = self.confirmations[len(self.confirm_ids)]
+        self.confirm_ids.append(trial_id)
+        self.live.add(trial_id)
+        return params
+
+    def _confirmations(self) -> list[dict[str, Any]]:
+        import pandas as pd
+
+        from raycontrast.analyze import rank_trials
+
+        rows = [
+            {"trial_id": t, "status": self.ended[t], "best_val_miou": self.best.get(t)}
+            for t in self.suggested
+            if t in self.ended
+        ]
+        c = self.cfg.tune.confirm
+        top = rank_trials(pd.DataFrame(rows, columns=["trial_id", "status", "best_val_miou"])).head(c.top_k)
+        return [{**self.suggested[t], CONFIRM_KEY: seed} for t in top["trial_id"] for seed in c.seeds]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         grace, max_t, rf = asha_schedule(self.cfg)
-        if DIVERGED_KEY in result or METRIC not in result:
+        if DIVERGED_KEY in result or METRIC not in result or trial_id in self.confirm_ids:
             return
+        if math.isfinite(result[METRIC]):
+            self.best[trial_id] = max(result[METRIC], self.best.get(trial_id, -math.inf))
         milestones = Rungs(grace, max_t, rf).milestones if self.cfg.tune.scheduler == "asha" else []
         if result.get(ITERATION) in milestones:
             self.inner.on_trial_result(
@@ -222,11 +282,15 @@ class SearchSchedule(Searcher, _FromRecord):
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         self.live.discard(trial_id)
+        if trial_id in self.confirm_ids:
+            return
         if error or not result or DIVERGED_KEY in result:
             self.inner.on_trial_complete(trial_id, None, error=True)  # FAIL
         elif result.get(ITERATION, 0) < self.cfg.train.iterations:
+            self.ended[trial_id] = "STOPPED_EARLY"
             self.inner.on_trial_complete(trial_id, None, error=False)  # PRUNED: stopped by ASHA
         else:
+            self.ended[trial_id] = "TERMINATED"
             self.inner.on_trial_complete(trial_id, result)  # COMPLETE with its final val mIoU
 
     @property

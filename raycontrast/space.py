@@ -122,7 +122,8 @@ def startup_trials(cfg: Config) -> int:
 
 
 def describe_searcher(cfg: Config, concurrent: int) -> str:
-    """One line for the plan: how many trials are published points, random, and modelled by TPE."""
+    """For the plan: how many trials are published points, random, and modelled by TPE; what the
+    confirmation stage (`tune.confirm`) adds."""
     t = cfg.tune
     published = min(len(t.points_to_evaluate), t.num_samples)
     random = min(max(startup_trials(cfg) - published, 0), t.num_samples - published)
@@ -134,4 +135,11 @@ def describe_searcher(cfg: Config, concurrent: int) -> str:
     )
     if modelled and concurrent > 1:  # TPE models only ended trials: those still running add random ones
         line += f" (up to {min(concurrent - 1, modelled)} more random while {concurrent} run at once)"
+    c = t.confirm
+    if c.top_k:
+        n = min(c.top_k, t.num_samples) * len(c.seeds)
+        line += (
+            f"\nconfirm: once they end, the top {c.top_k} configs again with seeds {list(c.seeds)}: {n} more "
+            f"trials of {cfg.train.iterations} iterations, from scratch, never stopped early"
+        )
     return line

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raycontrast.analyze import rank_trials, startup_overhead
+from raycontrast.analyze import best_trials, confirmation_verdict, rank_configs, startup_overhead
 from raycontrast.config import Config, apply_overrides
 from raycontrast.results import load_results, trial_config
 
@@ -52,7 +52,7 @@ def summarise_search(
     cost = float(trials["worker_seconds"].fillna(0).sum() + trunk)  # the shared warm-up trained once
     disk = int(trials["disk_bytes"].fillna(0).sum()) if "disk_bytes" in trials else 0
     counts = {str(k): int(v) for k, v in trials["status"].value_counts().items()}
-    ranked = rank_trials(trials)
+    ranked = best_trials(trials)
     picks = {}  # "best" / "worst" -> (table row, searched params as Python values)
     for label, row in (("best", ranked.head(1)), ("worst", ranked.tail(1))):
         for r in row.itertuples(index=False):
@@ -84,6 +84,12 @@ def summarise_search(
     for label, (r, ps) in picks.items():
         lines.append(
             f"  {label:<5}: trial {r.trial_id} val mIoU {r.best_val_miou:.4f} @ it {r.iteration_of_best} | {ps}"
+        )
+    if len(configs := rank_configs(trials)):
+        c = configs.iloc[0]
+        lines.append(
+            f"  best config over seeds {c['seeds']}: val mIoU {c['mean']:.4f} ± {c['std']:.4f}; "
+            f"{confirmation_verdict(configs)}"
         )
     if outcome.best_checkpoint:
         lines.append(f"  best checkpoint: {outcome.best_checkpoint}")

@@ -49,6 +49,7 @@ from raycontrast.search import (
     TablesCallback,
     asha_schedule,
     decode_params,
+    is_confirmation,
     optuna_search,
 )
 from raycontrast.space import Param, describe_searcher, initial_points, parse_space
@@ -141,7 +142,7 @@ def _make_trial_driver(
         name = f"{cfg.run.name}-train-{tune.get_context().get_trial_id()}"  # stable: a restart resumes it
         run_fs, run_path = locate(posixpath.join(train_root, name), fs)
         detail = divergence(run_fs, run_path) if exists(run_fs, run_path) else None
-        if detail is None and sharing.enabled:
+        if detail is None and sharing.enabled and not is_confirmation(params):  # another seed: from scratch
             _start_from_trunk(cfg, sharing, run_fs, run_path, *locate(trunk_root, fs))
         if detail is None:
             run_cfg = apply_overrides(cfg, _worker_overrides(cfg, plan))

@@ -210,3 +210,37 @@ def test_tables_on_a_pyarrow_filesystem(tmp_path):
     report = analyze("exp/tables", filesystem=sub)  # paths are relative to the filesystem's root
     assert report.paths["report"] == "exp/analysis/report.md"
     assert (tmp_path / "exp" / "analysis" / "best_config.yaml").is_file()
+
+
+def test_configs_run_with_several_seeds_are_ranked_by_their_mean(tmp_path):
+    """`tune.confirm`'s runs: the best config is the best mean over seeds, not the luckiest single run; the
+    report gives mean ± std and says whether the lead exceeds the seeds' spread."""
+    base = load_config(SMOKE)
+    w = ResultsWriter(
+        tmp_path / "exp" / "tables", class_names=CLASSES, searched_keys=SEARCHED, target_iterations=6
+    )
+    runs = {"a": (0.1, [0.50, 0.40, 0.42]), "b": (0.2, [0.48, 0.47, 0.49]), "c": (0.3, [0.45])}
+    for name, (t, values) in runs.items():
+        for seed, v in enumerate(values):
+            sets = {"loss.temperature": t, "loss.weight": 0.5, "memory.size": 0, "run.seed": seed}
+            flat = flatten(apply_overrides(base, sets))
+            tid = f"{name}{seed}"
+            w.on_trial_start(tid, flat)
+            for it in (2, 4, 6):
+                w.on_report(tid, flat, _metrics(it, v * it / 6, 0))
+            w.on_trial_end(tid, "TERMINATED")
+    from raycontrast.analyze import best_trials, confirmation_verdict, rank_configs
+
+    trials = load_results(tmp_path / "exp")["trials"]
+    configs = rank_configs(trials)
+    assert configs["trial_ids"].tolist() == [["b0", "b1", "b2"], ["a0", "a1", "a2"]]  # c ran once only
+    assert configs["mean"].tolist() == pytest.approx([0.48, 0.44])
+    assert configs["std"].tolist() == pytest.approx([0.01, np.std([0.50, 0.40, 0.42], ddof=1)])
+    assert best_trials(trials)["trial_id"].tolist()[:3] == ["b2", "b0", "b1"]  # a0 is the best single run
+    assert "within the seeds' spread" in confirmation_verdict(configs)
+    assert "more than the seeds' spread" in confirmation_verdict(configs.assign(std=[0.001, 0.002]))
+    report = analyze(tmp_path / "exp")
+    assert report.best_trial_id == "b2" and load_config(report.paths["best_config"]).loss.temperature == 0.2
+    md = Path(report.paths["report"]).read_text()
+    assert "## Confirmed across seeds" in md and "| 1 | 0.2 | 0.5 | 0 | 0.4800 ± 0.0100 | [0, 1, 2] |" in md
+    assert rank_configs(trials[trials["run.seed"] == 0]).empty  # one seed per config: nothing to rank

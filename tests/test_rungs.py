@@ -131,3 +131,76 @@ def test_a_search_whose_state_tune_could_not_restore_is_not_started_over(tmp_pat
     writer.flush()
     with pytest.raises(SearchStateError, match="could not be restored .* refusing to start the search over"):
         SearchSchedule(OptunaSearch(seed=0), fs, folder).suggest("t2")
+
+
+class _RecordingSearcher:
+    """Stands in for Optuna: suggests numbered points and records what it is told."""
+
+    def __init__(self) -> None:
+        self.told: list[tuple] = []
+        self.n = 0
+
+    def suggest(self, trial_id: str) -> dict:
+        self.n += 1
+        return {"loss.temperature": self.n / 10}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self.told.append(("result", trial_id))
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        self.told.append(("complete", trial_id, None if result is None else result["val_miou"], error))
+
+
+def test_the_best_configs_are_confirmed_with_more_seeds_once_the_search_ends(tmp_path):
+    """`tune.confirm`: after the search's trials end, its top configs come back with each extra seed as
+    run.seed; Optuna never hears of them and ASHA never stops them."""
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.search import Searcher
+
+    from raycontrast.config import load_config
+    from raycontrast.experiment import ExperimentRecord
+    from raycontrast.search import RungScheduler, SearchSchedule
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    sets = {"tune.num_samples": 3, "tune.max_concurrent_trials": 3, "tune.confirm.top_k": 2}
+    cfg = load_config(smoke, {**sets, "tune.confirm.seeds": [5, 6]})
+    fs, folder = pafs.LocalFileSystem(), str(tmp_path / "exp")
+    fs.create_dir(folder)
+    ExperimentRecord(cfg.model_dump(mode="json"), {}).write(fs, folder)
+    inner = _RecordingSearcher()
+    search = SearchSchedule(inner, fs, folder)
+    search._restored = True
+    end = cfg.train.iterations
+    assert [search.suggest(f"t{i}")["loss.temperature"] for i in range(3)] == [0.1, 0.2, 0.3]
+    for tid, miou in (("t0", 0.3), ("t1", 0.5), ("t2", 0.4)):
+        search.on_trial_result(tid, {"val_miou": miou, "iteration": end})
+    search.on_trial_complete("t1", {"val_miou": 0.5, "iteration": end})
+    search.on_trial_complete("t2", {"val_miou": 0.4, "iteration": end})
+    assert search.suggest("c0") is None  # t0 still runs: the ranking is not final
+    search.on_trial_complete("t0", {"val_miou": 0.3, "iteration": end})
+    confirm = [search.suggest(f"c{i}") for i in range(3)]
+    assert search.suggest("c3") is None  # 3 at once, as tune.max_concurrent_trials says
+    told = len(inner.told)
+    search.on_trial_result("c0", {"val_miou": 0.9, "iteration": 2})
+    search.on_trial_complete("c0", {"val_miou": 0.9, "iteration": end})
+    assert len(inner.told) == told and search.best == {"t0": 0.3, "t1": 0.5, "t2": 0.4}  # Optuna: not told
+    confirm.append(search.suggest("c3"))
+    assert confirm == [
+        {"loss.temperature": 0.2, "run.seed": 5}, {"loss.temperature": 0.2, "run.seed": 6},
+        {"loss.temperature": 0.3, "run.seed": 5}, {"loss.temperature": 0.3, "run.seed": 6},
+    ]  # fmt: skip
+    assert search.suggest("c4") == Searcher.FINISHED
+
+    asha = RungScheduler(fs, folder)
+
+    class Trial:
+        trial_id, config = "c1", confirm[1]
+
+    for it in range(2, end + 1, 2):  # reports far below every rung: a search trial would be stopped
+        assert (
+            asha.on_trial_result(None, Trial, {"iteration": it, "val_miou": 0.0}) == TrialScheduler.CONTINUE
+        )
+    assert all(not records for _, records in asha.rungs.to_dict()["records"])  # nor counted in a rung

@@ -277,6 +277,28 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, ray_cluster)
     assert sum(r.error is not None for r in grid) == 1
 
 
+def test_a_confirmed_search_runs_its_best_config_again_with_another_seed(tmp_path, ray_cluster) -> None:
+    """`tune.confirm`: once the search's trials end, its best config runs again with seed 1, as a trial of the
+    same experiment: trained from scratch (another seed changes the shared warm-up), never told to Optuna."""
+    import pickle
+
+    keys = ["loss.temperature", "loss.weight", "memory.size"]
+    sets = {"tune.num_samples": 2, "loss.warmup_iters": 2, "tune.scheduler": "fifo"}
+    cfg = _smoke(tmp_path, **sets, **{"tune.confirm.top_k": 1, "tune.confirm.seeds": [1]})
+    out = tune_mod.run_search(cfg)
+    tables, _ = check_tables_against_tune(out.experiment_path, keys)
+    trials = tables["trials"].sort_values("started_at")
+    assert trials["run.seed"].tolist() == [0, 0, 1] and (trials["status"] == "TERMINATED").all()
+    search, confirm = trials.iloc[:2], trials.iloc[2]
+    best = search.sort_values("best_val_miou", ascending=False, kind="stable").iloc[0]
+    assert confirm[keys].tolist() == best[keys].tolist()
+    assert (search["forked_at"] == 2).all() and math.isnan(confirm["forked_at"])
+    assert out.best_trial_id in {best["trial_id"], confirm["trial_id"]}
+    with max(Path(out.experiment_path).glob("searcher-state-*.pkl")).open("rb") as f:
+        study = pickle.load(f)["inner"]._ot_study.trials
+    assert [t.params["loss.temperature"] for t in study] == pytest.approx(search["loss.temperature"].tolist())
+
+
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
     end = time.time() + timeout
     while time.time() < end:
