@@ -267,11 +267,8 @@ class Config(_Section):
         c = self.tune.confirm
         if c.top_k and not c.seeds:
             raise ValueError("tune.confirm.seeds: top_k > 0 needs at least one seed to run the winners with")
-        if self.run.seed in c.seeds or len(set(c.seeds)) != len(c.seeds):
-            raise ValueError(
-                f"tune.confirm.seeds: {list(c.seeds)} must be distinct and differ from run.seed "
-                f"({self.run.seed}), which the search's own trials use"
-            )
+        if len(set(c.seeds)) != len(c.seeds):
+            raise ValueError(f"tune.confirm.seeds: {list(c.seeds)} must be distinct")
         return self
 
 

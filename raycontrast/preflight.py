@@ -77,11 +77,13 @@ def check(cfg: Config, command: Command, *, resume: bool = False, address: str |
 
 
 def check_space(cfg: Config) -> None:
-    """`tune.space` parses, every bound is a valid value of its key, and the initial points lie inside."""
-    from raycontrast.space import initial_points, parse_space
+    """`tune.space` parses, every bound is a valid value of its key, the initial points lie inside, and the
+    confirmation seeds differ from the search's."""
+    from raycontrast.space import check_confirm, initial_points, parse_space
 
     try:
         initial_points(cfg, parse_space(cfg))
+        check_confirm(cfg)
     except ConfigError as exc:
         raise PreflightError(str(exc), exc.key) from None
 

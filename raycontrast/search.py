@@ -394,7 +394,7 @@ class TablesCallback(Callback, _FromRecord):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.writer.on_trial_start(trial.trial_id, self._config(trial))
         sharing = plan_sharing(self.cfg, parse_space(self.cfg))
-        if sharing.enabled:
+        if sharing.enabled and not is_confirmation(trial.config):  # a confirmation trains from scratch
             self.writer.on_fork(trial.trial_id, sharing.fork_at)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

@@ -78,6 +78,18 @@ def _parse_one(key: str, spec: Any) -> Param:
     return Param(key, kind, values)
 
 
+def check_confirm(cfg: Config) -> None:
+    """`tune.confirm.seeds` must differ from `run.seed`, which the search's own trials use (checked for the
+    search's config only: a confirmation trial's own config has one of those seeds as its run.seed)."""
+    c = cfg.tune.confirm
+    if c.top_k and cfg.run.seed in c.seeds:
+        raise ConfigError(
+            f"tune.confirm.seeds: {list(c.seeds)} includes run.seed ({cfg.run.seed}), which the search's own "
+            "trials use; choose other seeds",
+            key="tune.confirm.seeds",
+        )
+
+
 def parse_space(cfg: Config) -> list[Param]:
     """Parse and validate `cfg.tune.space`; every bound / option must be a valid value of its key."""
     params = [_parse_one(key, spec) for key, spec in cfg.tune.space.items()]

@@ -52,7 +52,7 @@ from raycontrast.search import (
     is_confirmation,
     optuna_search,
 )
-from raycontrast.space import Param, describe_searcher, initial_points, parse_space
+from raycontrast.space import Param, check_confirm, describe_searcher, initial_points, parse_space
 from raycontrast.storage import (
     Storage,
     absolute_paths,
@@ -336,6 +336,7 @@ def run_search(
     t0 = time.time()
     cfg = absolute_paths(cfg)
     params = parse_space(cfg)
+    check_confirm(cfg)
     initial_points(cfg, params)  # validated before anything starts
     storage, name = run_storage(cfg), cfg.run.name
     check_run_dir(storage, name, resume=resume, noun="experiment")

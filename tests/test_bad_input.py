@@ -148,6 +148,11 @@ CASES: dict[str, Case] = {
         ("--set", "tune.points_to_evaluate=[{loss.temperature: 0.9}]"),
         ("tune.points_to_evaluate[0]", "loss.temperature=0.9", "widen the space or drop the point"),
     ),
+    "confirmation seed the search uses": Case(
+        "tune",
+        ("--set", "tune.confirm.top_k=2", "--set", "tune.confirm.seeds=[0, 1]"),
+        ("tune.confirm.seeds", "includes run.seed (0)", "choose other seeds"),
+    ),
     "too many GPUs per trial": Case(
         "tune",
         ("--set", "train.use_gpu=true", "--set", "train.workers=2"),

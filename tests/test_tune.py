@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
@@ -292,7 +293,9 @@ def test_a_confirmed_search_runs_its_best_config_again_with_another_seed(tmp_pat
     search, confirm = trials.iloc[:2], trials.iloc[2]
     best = search.sort_values("best_val_miou", ascending=False, kind="stable").iloc[0]
     assert confirm[keys].tolist() == best[keys].tolist()
-    assert (search["forked_at"] == 2).all() and math.isnan(confirm["forked_at"])
+    assert (search["forked_at"] == 2).all() and pd.isna(confirm["forked_at"])
+    at_2 = tables["curves"].query("iteration == 2").set_index("trial_id")["loss"]
+    assert at_2[search["trial_id"].iloc[0]] == at_2[search["trial_id"].iloc[1]] != at_2[confirm["trial_id"]]
     assert out.best_trial_id in {best["trial_id"], confirm["trial_id"]}
     with max(Path(out.experiment_path).glob("searcher-state-*.pkl")).open("rb") as f:
         study = pickle.load(f)["inner"]._ot_study.trials
