@@ -129,7 +129,6 @@ def _in_thread(fn):
 # ------------------------------------------------------------------------------------ node loss, Train
 
 
-@pytest.mark.extended
 def test_a_node_dies_during_a_train_run(cluster, tmp_path):
     """Two workers on two nodes; one node is killed hard (not drained) after the iteration-4 checkpoint
     reached storage; a replacement joins; the run resumes from the newest complete checkpoint and ends
@@ -280,7 +279,6 @@ def _nodes_used(steps: Path, world: int) -> list[str]:
     return [(steps / f"rank{r}").read_text().split("\n")[0].split()[2] for r in range(world)]
 
 
-@pytest.mark.extended
 def test_placement_keeps_workers_together_or_spreads_them(cluster, tmp_path):
     """auto: both workers on the node they fit on (STRICT_PACK); spread: one per node."""
     big, small = cluster.add(num_cpus=2), cluster.add()
@@ -300,7 +298,6 @@ def test_placement_keeps_workers_together_or_spreads_them(cluster, tmp_path):
 # ---------------------------------------------------------------------------------- per-node checks
 
 
-@pytest.mark.extended
 def test_a_node_that_cannot_read_the_data_is_named_then_left_out(cluster, tmp_path):
     """A node started with a broken environment (its Python finds an image library that does not import)
     fails the per-node check: the search refuses to start and names it, or leaves it out when asked. The
