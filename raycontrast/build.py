@@ -76,7 +76,9 @@ def limit_threads(t: TrainSection) -> int:
 
 
 def build_model(cfg: Config, info: DatasetInfo) -> HRNetV2:
-    return HRNetV2(cfg.model.variant, info.num_classes, proj_dim=cfg.model.proj_dim)
+    return HRNetV2(
+        cfg.model.variant, info.num_classes, proj_dim=cfg.model.proj_dim, sparse_proj=cfg.model.sparse_proj
+    )
 
 
 def build_criterion(cfg: Config, info: DatasetInfo) -> ContrastCELoss:

@@ -121,6 +121,9 @@ class ModelSection(_Section):
     pretrained: str | None = None  # local ImageNet HRNet checkpoint (.pth/.safetensors); never downloaded
     sync_bn: bool = True  # ALGORITHM.md s5: SyncBN under DDP on GPUs (ignored on CPU)
     channels_last: bool = False  # memory format for convs; faster on recent GPUs with AMP
+    # Projection head only at the pixels the loss samples, BatchNorm statistics exact (models.projection);
+    # false: the head on every pixel, as the reference code does (same results to float rounding).
+    sparse_proj: bool = True
 
 
 class LossSection(_Section):

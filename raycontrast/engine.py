@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 
 from raycontrast.metrics import confusion_matrix
+from raycontrast.models.projection import memory_keys
 
 StepStats = dict[str, Tensor]
 
@@ -215,6 +216,10 @@ def train_step(
     # and the step is skipped), not a divergence.
     overflow = ~finite & loss_finite if scaler is not None else torch.zeros_like(finite)
 
+    # The memory's keys come from this step's weights: taken before the optimiser moves them (a
+    # `PixelEmbedding` computes them now, in one no-grad pass of the projection head).
+    keys = memory_keys(outputs["embed"]) if memory is not None else None
+
     # The one host sync of the step: skipping an update cannot be expressed without it (SGD's momentum
     # and weight decay move the weights even with zeroed gradients, and the BN statistics must be put
     # back). Every rank reaches the same decision, so the memory's gather collective stays matched.
@@ -224,7 +229,7 @@ def train_step(
         else:
             optimizer.step()
         if memory is not None:
-            memory.enqueue(outputs["embed"].detach().float(), labels, generator=generator)
+            memory.enqueue(keys, labels, generator=generator)
     else:
         optimizer.zero_grad(set_to_none=True)
         _restore_buffers(saved)

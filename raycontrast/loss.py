@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raycontrast.anchors import labels_to_grid, sample_anchors
+from raycontrast.models.projection import PixelEmbedding
 
 __all__ = ["ContrastCELoss", "PixelContrastLoss", "contrastive_loss", "labels_to_grid", "sample_anchors"]
 
@@ -255,13 +256,13 @@ class PixelContrastLoss(nn.Module):
 
     def forward(
         self,
-        embed: Tensor,
+        embed: Tensor | PixelEmbedding,
         labels: Tensor,
         predict: Tensor,
         memory: tuple[Tensor, Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """embed `[B, D, h, w]` (L2-normalised), labels `[B, H, W]`, predict `[B, h, w]`, memory `([M, D], [M])`.
+        """embed `[B, D, h, w]` (L2-normalised; a tensor or a `PixelEmbedding`), labels `[B, H, W]`, predict `[B, h, w]`, memory `([M, D], [M])`.
 
         Returns `(loss, stats)`; stats are detached tensors: `anchors` (sampled pixels A*V), `hard_share`,
         `intra_cos` / `inter_cos` (mean cosine of sampled pixels within / across classes).
@@ -276,8 +277,10 @@ class PixelContrastLoss(nn.Module):
         kw = {"max_samples": self.max_samples, "max_views": self.max_views, "ignore_index": self.ignore_index}
         index, anchor_labels = sample_anchors(lab, pred, **kw, generator=generator)
         n_pix = h * w
-        # Gather straight from [B, D, N]: no [B*N, D] copy, and one scatter in the backward.
-        anchors = embed.flatten(2)[index // n_pix, :, index % n_pix]  # [A, V, D]
+        if isinstance(embed, PixelEmbedding):
+            anchors = embed.at(index)  # [A, V, D]: the projection head at these pixels only
+        else:  # gather straight from [B, D, N]: no [B*N, D] copy, and one scatter in the backward
+            anchors = embed.flatten(2)[index // n_pix, :, index % n_pix]  # [A, V, D]
         mem, mem_labels = memory if memory is not None else (None, None)
         t, bt = self.temperature, self.base_temperature
         loss = contrastive_loss(
@@ -355,7 +358,7 @@ class ContrastCELoss(nn.Module):
             ce = ce_sum / norm.clamp_min(torch.finfo(logits.dtype).tiny)
         if iteration < self.warmup_iters:
             # Keep the projection head in the graph so DDP sees a (zero) gradient for its parameters.
-            contrast = embed.sum().float() * 0.0
+            contrast = embed.zero() if isinstance(embed, PixelEmbedding) else embed.sum().float() * 0.0
             zero = contrast.detach()
             stats = {"anchors": zero, "hard_share": zero, "intra_cos": zero, "inter_cos": zero}
         else:

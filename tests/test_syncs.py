@@ -14,6 +14,7 @@ from __future__ import annotations
 import traceback
 from collections import Counter
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -62,9 +63,9 @@ class SyncCounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _count(memory_size: int, iteration: int) -> Counter[str]:
+def _count(memory_size: int, iteration: int, sparse: bool) -> Counter[str]:
     torch.manual_seed(0)
-    model = HRNetV2("w18_small", K, proj_dim=8)
+    model = HRNetV2("w18_small", K, proj_dim=8, sparse_proj=sparse)
     opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = build_scheduler(opt, max_iters=10, power=0.9)
     crit = ContrastCELoss(K, weight=1.0, warmup_iters=1, max_samples=64, max_views=20)
@@ -90,10 +91,12 @@ def test_the_counter_sees_syncs() -> None:
     assert sum(c.sites.values()) == 4
 
 
-def test_syncs_per_step() -> None:
-    """The warm-up step (contrast off) and contrast steps with the memory off and on: each sync is listed
-    by its line when the bound fails. The bounds are today's counts; lower them when a sync goes."""
-    warm, off, on = _count(0, 0), _count(0, 5), _count(50, 5)
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse-head", "full-head"])
+def test_syncs_per_step(sparse: bool) -> None:
+    """The warm-up step (contrast off) and contrast steps with the memory off and on, with the projection
+    head at the sampled pixels (the default) and on every pixel: each sync is listed by its line when the
+    bound fails. The bounds are today's counts; lower them when a sync goes."""
+    warm, off, on = _count(0, 0, sparse), _count(0, 5, sparse), _count(50, 5, sparse)
     print(f"syncs per step: warm-up {dict(warm)}; contrast {dict(off)}; contrast + memory {dict(on)}")
     assert sum(warm.values()) <= BOUNDS["warm-up"], warm
     assert sum(off.values()) <= BOUNDS["contrast"], off

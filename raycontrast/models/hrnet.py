@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raycontrast.models.projection import PixelEmbedding
+
 Variant = Literal["w18_small", "w18_small_v2", "w18", "w48"]
 VARIANTS: tuple[str, ...] = ("w18_small", "w18_small_v2", "w18", "w48")
 
@@ -252,18 +254,26 @@ class HRNetV2(nn.Module):
     """HRNetV2 + segmentation head + projection head.
 
     forward(x [B, 3, H, W]) -> {"seg": [B, K, h, w], "embed": [B, D, h, w]} with h = ceil(H / 4),
-    w = ceil(W / 4) (the stem's stride-4 grid); ``embed`` is L2-normalised over channels.
+    w = ceil(W / 4) (the stem's stride-4 grid); ``embed`` is L2-normalised over channels. With
+    ``sparse_proj`` (training mode only) ``embed`` is a ``PixelEmbedding`` instead: the same map, computed at
+    the pixels the loss reads (``models.projection``).
     Both heads read the concatenation of the four branches upsampled (bilinear) to branch 1
     (C = 240 for w18_small, 270 for w18 / w18_small_v2, 720 for w48).
     """
 
     def __init__(
-        self, variant: Variant, num_classes: int, proj_dim: int = 256, *, bn_momentum: float = 0.1
+        self,
+        variant: Variant,
+        num_classes: int,
+        proj_dim: int = 256,
+        *,
+        bn_momentum: float = 0.1,
+        sparse_proj: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or proj_dim < 1:
             raise ValueError(f"num_classes and proj_dim must be >= 1, got {num_classes} and {proj_dim}")
-        self.variant = variant
+        self.variant, self.sparse_proj = variant, sparse_proj
         self.backbone = HRNetBackbone(variant, bn_momentum)
         c = sum(self.backbone.out_channels)
         self.feat_channels = c
@@ -303,12 +313,13 @@ class HRNetV2(nn.Module):
         """Segmentation logits only, ``[B, K, h, w]``: evaluation and prediction skip the projection head."""
         return self.seg_head(self.features(x))
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor | PixelEmbedding]:
         feats = self.features(x)
-        return {
-            "seg": self.seg_head(feats),
-            "embed": F.normalize(self.proj_head(feats), p=2.0, dim=1),
-        }
+        if self.sparse_proj and self.training:  # the head runs where the loss and the memory read it
+            embed: Tensor | PixelEmbedding = PixelEmbedding(self.proj_head, feats)
+        else:
+            embed = F.normalize(self.proj_head(feats), p=2.0, dim=1)
+        return {"seg": self.seg_head(feats), "embed": embed}
 
 
 def convert_sync_bn(model: nn.Module) -> nn.Module:
