@@ -24,6 +24,7 @@ from raycontrast.data.loader import build_dataset
 from raycontrast.engine import build_optimizer, build_scheduler, seed_everything, train_step
 from raycontrast.memory import PixelMemory
 from raycontrast.models.hrnet import HRNetV2
+from raycontrast.models.projection import PixelEmbedding
 from raycontrast.plan import InsufficientResourcesError
 from raycontrast.sampling import SeededItems, ShardSampler, step_seed
 
@@ -69,6 +70,23 @@ def reference(ray_cluster, workdir):
 # ----------------------------------------------------------------------------- single-process twin
 
 
+class _HalvesEmbedding(PixelEmbedding):
+    """The ranks' sparse projection heads side by side: the memory's keys of the whole batch."""
+
+    def __init__(self, halves: list[PixelEmbedding]) -> None:
+        self.halves = halves
+        first = halves[0]
+        self.shape = torch.Size((sum(h.shape[0] for h in halves), *first.shape[1:]))
+        self.device, self.dtype = first.device, first.dtype
+
+    def full(self) -> torch.Tensor:
+        return torch.cat([h.full() for h in self.halves])
+
+
+def _half(value, r: int):
+    return value.halves[r] if isinstance(value, _HalvesEmbedding) else value.chunk(WORLD)[r]
+
+
 class _Halves(nn.Module):
     """Runs the model on each rank's half-batch separately, like DDP without SyncBN (per-rank BN stats)."""
 
@@ -78,6 +96,11 @@ class _Halves(nn.Module):
 
     def forward(self, x):
         outs = [self.model(h) for h in x.chunk(WORLD)]
+        if isinstance(outs[0]["embed"], PixelEmbedding):  # model.sparse_proj: one head per rank's half
+            return {
+                "seg": torch.cat([o["seg"] for o in outs]),
+                "embed": _HalvesEmbedding([o["embed"] for o in outs]),
+            }
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
@@ -91,7 +114,7 @@ class _HalvesLoss(nn.Module):
     def forward(self, outputs, labels, *, iteration, memory=None, generator=None):
         results = [
             self.criterion(
-                {k: v.chunk(WORLD)[r] for k, v in outputs.items()},
+                {k: _half(v, r) for k, v in outputs.items()},
                 labels.chunk(WORLD)[r],
                 iteration=iteration,
                 memory=memory,
@@ -130,7 +153,7 @@ def twin_run(cfg: Config):
     torch.set_num_threads(1)
     try:
         seed_everything(cfg.run.seed)
-        model = HRNetV2(cfg.model.variant, k, proj_dim=cfg.model.proj_dim)
+        model = HRNetV2(cfg.model.variant, k, proj_dim=cfg.model.proj_dim, sparse_proj=cfg.model.sparse_proj)
         gens = [torch.Generator() for _ in range(WORLD)]
         memory = PixelMemory(k, cfg.model.proj_dim, cfg.memory.size, cfg.memory.pixel_update_freq)
         criterion = _HalvesLoss(build_criterion(cfg, info), gens)
