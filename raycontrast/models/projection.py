@@ -9,8 +9,8 @@ from the features' mean m and centred second moment S (C x C) alone: for y = W1 
 
 Autograd through m and S is the gradient BatchNorm sends through its statistics, so loss, gradients and the
 running statistics equal the full-grid head's to float rounding (`tests/test_projection.py`). Cost: S is one
-P x C x C product forward and one backward, instead of the head's three P x C x (C + D) (forward, input and
-weight gradients), P = B*h*w pixels. Under SyncBatchNorm with a process group of more than one rank, the
+P x C x C product forward and one backward (`_Gram`), instead of the head's three P x C x (C + D) (forward,
+input and weight gradients), P = B*h*w pixels: about half the head's work at C = 270, D = 256 (W18). Under SyncBatchNorm with a process group of more than one rank, the
 count, sum and second moment are all-reduced (differentiably), as SyncBatchNorm reduces its statistics.
 
 The memory bank's keys (`full`) need every pixel's embedding but no gradient: one no-grad pass of the head
@@ -38,6 +38,21 @@ def _synced(bn: nn.Module) -> tuple[bool, dist.ProcessGroup | None]:
     return dist.get_world_size(group or dist.group.WORLD) > 1, group
 
 
+class _Gram(torch.autograd.Function):
+    """`x [B, C, N]` -> sum_b x_b x_b^T `[C, C]`; its backward is one product, (G + G^T) x, where autograd
+    would differentiate both operands of the product separately (two)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001 - autograd's context
+        ctx.save_for_backward(x)
+        return torch.bmm(x, x.transpose(1, 2)).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        (x,) = ctx.saved_tensors
+        return torch.matmul(grad + grad.t(), x)
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision features (as BatchNorm under autocast), else their own dtype."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -56,7 +71,7 @@ def feature_moments(x: Tensor, bn: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
         total = _all_reduce(total, group)
     mean = total / count
     centred = flat - mean[None, :, None]  # centred first: no cancellation in E[xx^T] - m m^T
-    second = torch.bmm(centred, centred.transpose(1, 2)).sum(0)  # [C, C]
+    second = _Gram.apply(centred)  # [C, C]
     if synced:
         second = _all_reduce(second, group)
     return count, mean, second / count
