@@ -96,7 +96,7 @@ class PixelEmbedding:
         conv1, bn, _relu, conv2 = head
         if feats.dim() != 4 or feats.shape[1] != conv1.in_channels:
             raise ValueError(f"feats must be [B, {conv1.in_channels}, h, w], got {tuple(feats.shape)}")
-        self.feats, self.conv2 = feats, conv2
+        self.feats, self.conv2, self.params = feats, conv2, list(head.parameters())
         batch, _, h, w = feats.shape
         self.shape = torch.Size((batch, conv2.out_channels, h, w))
         self.device, self.dtype = feats.device, feats.dtype
@@ -150,7 +150,9 @@ class PixelEmbedding:
             return self._head(x).movedim(-1, 1).contiguous()
 
     def zero(self) -> Tensor:
-        return self.at(torch.zeros(0, dtype=torch.long, device=self.device)).sum() * 0.0
+        # Straight from the parameters and the features, not through the statistics: the warm-up's backward
+        # then skips the second moment's P x C x C product, and every gradient is the same zero.
+        return sum(p.sum() for p in self.params).float() * 0.0 + self.feats.sum().float() * 0.0
 
 
 def memory_keys(embed: Tensor | PixelEmbedding) -> Tensor:
