@@ -241,6 +241,12 @@ class TuneSection(_Section):
         {"loss.temperature": 0.07, "loss.weight": 1.0, "memory.size": 5000},
     )
 
+    @field_validator("share_warmup", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (in a file or in `--set tune.share_warmup=off`) as the boolean false.
+        return "off" if v is False else v
+
     @field_validator("space")
     @classmethod
     def _nonempty(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -179,3 +179,14 @@ def test_every_key_can_be_searched() -> None:
     )
     kinds = {p.key: p.kind for p in parse_space(cfg)}
     assert kinds == {"model.variant": "choice", "optim.lr": "loguniform", "train.batch_size": "int"}
+
+
+def test_share_warmup_off_reads_as_written_in_yaml(tmp_path: Path) -> None:
+    # YAML 1.1 reads a bare `off` as false: in a file and in `--set`, it still means "off".
+    cli = load_config(CONFIGS[0], parse_overrides(["tune.share_warmup=off"]))
+    assert cli.tune.share_warmup == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("tune:\n  share_warmup: off\n")
+    assert load_config(f).tune.share_warmup == "off"
+    with pytest.raises(ConfigError, match="tune.share_warmup"):
+        load_config(CONFIGS[0], parse_overrides(["tune.share_warmup=on"]))
