@@ -83,6 +83,7 @@ class WindowMeter:
     def reset(self) -> None:
         self.sums.zero_()
         self.steps = self.nonfinite = self.overflow = 0
+        self.loaded_steps = 0  # of `steps`, taken before this attempt (a checkpoint written mid-window)
         self.started = time.time()
 
     def add(self, stats: StepStats, finite: bool, overflow: bool = False) -> None:
@@ -121,6 +122,12 @@ class WindowMeter:
         self.sums[: len(self.KEYS)] = sums[: len(self.KEYS)]
         self.sums[-1] = sums[-1]
         self.steps, self.nonfinite, self.overflow = state["steps"], state["nonfinite"], state["overflow"]
+        self.loaded_steps = self.steps
+
+    @property
+    def steps_timed(self) -> int:
+        """Steps of the window taken since `started` (this attempt's share of it)."""
+        return self.steps - self.loaded_steps
 
 
 @dataclass
@@ -210,7 +217,9 @@ def _evaluate(parts: RunParts, cfg: Config, session: Session, window: WindowMete
     val_miou, now = miou(cm), time.time()
     if not math.isnan(val_miou) and val_miou > p.best_val_miou:
         p.best_val_miou, p.best_iteration = val_miou, it
-    images = window.steps * t.batch_size * world
+    # A window continued from a checkpoint (a fork, a preemption) was partly trained before this attempt,
+    # outside window_time: the rate counts this attempt's steps only.
+    images = window.steps_timed * t.batch_size * world
     p.train_images += images
     p.train_time_s += window_time
     means = window.means()

@@ -89,6 +89,10 @@ def test_a_forked_trial_ends_bitwise_equal_to_one_trained_from_scratch(tmp_path,
     _same_state(forked, scratch)  # parameters, memory, best val mIoU
     rows = [trunk.prefix_report(r, size) for r in trunk_rows] + forked_rows
     _same_rows(rows, scratch_rows)  # every curve row, the shared prefix included; the final mIoU with them
+    # the fork's first window began in the trunk (iteration 4 of 4-6): its rate counts the 2 steps timed here
+    first = forked_rows[0]
+    assert first["iteration"] == 6
+    assert first["images_per_s"] * first["train_time_s"] == pytest.approx(2 * trial.train.batch_size)
 
 
 def _prefix(cfg, root, name) -> dict:
