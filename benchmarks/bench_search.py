@@ -50,6 +50,7 @@ REDUCED = {
     "data.canvases.height": 64, "data.canvases.width": 128, "data.canvases.digit_size": [20, 26],
     "data.crop_size": [64, 128], "loss.max_views": 8, "optim.lr": 0.004, "train.iterations": 1000,
     "train.eval_interval": 100, "train.checkpoint_interval": 1000, "train.log_interval": 100,
+    "loss.warmup_iters": 100,  # the demo's when the grid was recorded
     # The searches replayed: as many trials as the grid has points, the start-up count by its default rule.
     "tune.num_samples": 18, "tune.searcher.n_startup_trials": None,
 }  # fmt: skip

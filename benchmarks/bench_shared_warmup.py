@@ -4,10 +4,10 @@
     python benchmarks/bench_shared_warmup.py --set tune.num_samples=4 --set train.iterations=300
 
 Each search is `python experiments/tune.py` in a subprocess (its own local Ray), storage under a temporary
-folder. Printed per search: wall time of the command, and the search's worker-seconds (trials plus, with
-sharing, the trunk). Then the check that sharing changes no result: trial by trial (matched by their
-searched values), the same status, iterations and every curve row's training and validation figures,
-bitwise (clock and cost columns aside).
+folder (`--keep DIR` keeps both searches under DIR/auto and DIR/off). Printed per search: wall time of the
+command, and the search's worker-seconds (trials plus, with sharing, the trunk). Then the check that sharing
+changes no result: trial by trial (matched by their searched values), the same status, iterations and every
+curve row's training and validation figures, bitwise (clock and cost columns aside).
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ def by_params(tables: dict, keys: list[str]) -> dict[tuple, tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", action="append", default=[], help="dotted.key=value for both searches")
+    ap.add_argument("--keep", type=Path, help="store both searches here (default: a temporary folder)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
+        root = args.keep or Path(tmp)
         runs = {}
         for share in ("auto", "off"):
-            runs[share] = run_search(Path(tmp) / share, share, args.set)
+            runs[share] = run_search(root / share, share, args.set)
         print("\n| search | wall (command) | worker-seconds | of which the trunk |\n|---|---|---|---|")
         cost = {}
         for share, (wall, tables) in runs.items():
