@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--iterations", type=int, default=1200)
     ap.add_argument("--eval-interval", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=100, help="loss.warmup_iters (the recipe's: 100)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--out", help="JSON file for the raw results")
@@ -65,6 +66,7 @@ def main() -> None:
                 "train.threads_per_worker": 1,
                 "train.iterations": args.iterations,
                 "train.eval_interval": args.eval_interval,
+                "loss.warmup_iters": args.warmup,
                 "train.checkpoint_interval": args.iterations,
                 "run.seed": seed,
                 "run.name": f"{cond}-s{seed}",
