@@ -14,7 +14,7 @@ from pathlib import Path
 
 from raycontrast import preflight
 from raycontrast.config import Config, ConfigError, load_config, parse_overrides
-from raycontrast.experiment import SearchStateError
+from raycontrast.experiment import ACCEPTABLE, SearchStateError
 from raycontrast.storage import absolute_paths, locate
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -54,8 +54,8 @@ def _add_config_args(p: argparse.ArgumentParser, run_args: bool = True) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help="with --resume: a config key that may differ from the start (tune.num_samples, data.root, "
-        "model.pretrained), repeatable",
+        help=f"with --resume: a config key that may differ from the start ({', '.join(ACCEPTABLE)}), "
+        "repeatable; raising tune.num_samples or tune.confirm.* extends even a finished search",
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local instance)")
 

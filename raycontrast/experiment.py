@@ -5,7 +5,9 @@ Ray, torch and Optuna. `--resume` compares the config it is given with that reco
 - keys that cannot change results (`FREE_KEYS`: concurrency, logging, retries, storage access) may change
   and are applied;
 - `ACCEPTABLE` keys may change only when named with `--accept KEY`, and only in the way that is safe
-  (raising `tune.num_samples` extends a search; a moved data or weights path must hold the same files);
+  (raising `tune.num_samples` extends a search, even a finished one; raising `tune.confirm.top_k` or adding
+  `tune.confirm.seeds` runs the new confirmation trials; a moved data or weights path must hold the same
+  files);
 - any other difference is refused, listing each key with its old and new value.
 Other package versions are refused at once, with what to install: Ray Train refuses the checkpoint state
 of another Ray version, which would otherwise fail every resumed trial one by one.
@@ -61,9 +63,19 @@ def _anything(old: Any, new: Any) -> bool:
     return True
 
 
+def _more_seeds(old: Any, new: Any) -> bool:
+    seq = (list, tuple)
+    return isinstance(old, seq) and isinstance(new, seq) and list(new[: len(old)]) == list(old)
+
+
 # May change on --resume when named with --accept: key -> (rule on (old, new), what the rule means).
 ACCEPTABLE: dict[str, tuple[Callable[[Any, Any], bool], str]] = {
     "tune.num_samples": (_more_samples, "may only grow: more trials extend the search"),
+    "tune.confirm.top_k": (_more_samples, "may only grow: more of the best configs run again with each seed"),
+    "tune.confirm.seeds": (
+        _more_seeds,
+        "may only gain seeds, after the old ones: the best configs run again",
+    ),
     "data.root": (_anything, "the new folder must hold the same data"),
     "model.pretrained": (_anything, "the new path must hold the same weights file"),
 }

@@ -1,12 +1,13 @@
-"""What a search tells Ray Tune: three objects Tune calls back (Ray Tune glue).
+"""What a search tells Ray Tune: the objects Tune calls back (Ray Tune glue).
 
 - `RungScheduler`: ASHA (`rungs.Rungs`) whose rungs live on the experiment's storage, so a resumed search
   stops exactly the trials an uninterrupted one would (Tune itself does not save its scheduler);
 - `SearchSchedule`: the searcher Tune sees: Optuna (TPE) behind the trial count and the concurrency, and
   the filter of what Optuna learns (values at ASHA's milestones, early-stopped trials as PRUNED);
+- `ExtendableSearch`: Tune's generator around it, which a resume that asks for more trials un-finishes;
 - `TablesCallback`: trial events to `results.ResultsWriter`, the Parquet tables.
 
-All three read the experiment's record (`experiment.json`: the config of the latest start or accepted
+They read the experiment's record (`experiment.json`: the config of the latest start or accepted
 resume) from storage when first used in a driver process, so what a resume may change (a larger
 `tune.num_samples`, another concurrency) applies to the objects Tune restores.
 """
@@ -25,7 +26,7 @@ from optuna.samplers import TPESampler
 from ray.tune import Callback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from raycontrast.checkpoint import best_checkpoint, list_checkpoints, retain_checkpoints
@@ -45,6 +46,7 @@ __all__ = [
     "ITERATION",
     "METRIC",
     "MODE",
+    "ExtendableSearch",
     "RungScheduler",
     "SCHEDULER_FILE",
     "SearchSchedule",
@@ -178,7 +180,8 @@ class SearchSchedule(Searcher, _FromRecord):
       the final val mIoU of a trial that ran to `train.iterations` (COMPLETE), PRUNED for a trial ASHA
       stopped, FAIL for an error or a divergence.
     - Confirmation (`tune.confirm`): once every search trial has ended, the `top_k` configs by best val
-      mIoU (`analyze.rank_trials`) are suggested again with each of `seeds` as `run.seed` (`CONFIRM_KEY`).
+      mIoU (`analyze.rank_trials`) are suggested again with each of `seeds` as `run.seed` (`CONFIRM_KEY`),
+      each (config, seed) once: a resume that adds samples, seeds or `top_k` runs only what is new.
       Optuna never sees those trials, ASHA never stops them, and they train from scratch (another seed
       changes the warm-up).
     """
@@ -194,13 +197,15 @@ class SearchSchedule(Searcher, _FromRecord):
         self.suggested: dict[str, dict[str, Any]] = {}  # search trial -> its params, in start order
         self.best: dict[str, float] = {}  # search trial -> best val mIoU reported
         self.ended: dict[str, str] = {}  # search trial that finished -> TERMINATED / STOPPED_EARLY
-        self.confirmations: list[dict[str, Any]] | None = None  # fixed once the search trials end
         self.confirm_ids: list[str] = []  # the confirmation trials started, in order
+        self.confirmed: dict[str, dict[str, Any]] = {}  # confirmation trial -> its params
         self._restored = False  # by `restore`; a fresh search's first `suggest` sets it too
         self._concurrency: tuple[float, int] | None = None  # (read at, value)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**_FromRecord.__getstate__(self), "_concurrency": None, "_restored": False}
+        return {
+            **_FromRecord.__getstate__(self), "_concurrency": None, "_restored": False, "_announced": False
+        }  # fmt: skip
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         self._metric, self._mode = metric or self._metric, mode or self._mode
@@ -236,35 +241,43 @@ class SearchSchedule(Searcher, _FromRecord):
         c = self.cfg.tune.confirm
         if not c.top_k:
             return Searcher.FINISHED
-        if self.confirmations is None:
-            if self.live - set(self.confirm_ids):
-                return None
-            self.confirmations = self._confirmations()
-            print(
-                f"confirm: {len(self.confirmations)} trial(s), the top {c.top_k} with seeds {list(c.seeds)}"
-            )
-        if len(self.confirm_ids) >= len(self.confirmations):
+        if self.live - set(self.confirm_ids):
+            return None
+        pending = self.pending_confirmations()
+        if pending and not getattr(self, "_announced", False):
+            self._announced = True
+            print(f"confirm: {len(pending)} trial(s) to run, the top {c.top_k} with seeds {list(c.seeds)}")
+        if not pending:
             return Searcher.FINISHED
         if len(self.live) >= self.concurrency():
             return None
-        params = self.confirmations[len(self.confirm_ids)]
         self.confirm_ids.append(trial_id)
+        self.confirmed[trial_id] = pending[0]
         self.live.add(trial_id)
-        return params
+        return pending[0]
 
-    def _confirmations(self) -> list[dict[str, Any]]:
+    def pending_confirmations(self) -> list[dict[str, Any]]:
+        """The (config, seed) pairs `tune.confirm` asks for, by the search's ranking now, not yet started."""
         import pandas as pd
 
         from raycontrast.analyze import rank_trials
 
+        c = self.cfg.tune.confirm
+        if not c.top_k:
+            return []
         rows = [
             {"trial_id": t, "status": self.ended[t], "best_val_miou": self.best.get(t)}
             for t in self.suggested
             if t in self.ended
         ]
-        c = self.cfg.tune.confirm
         top = rank_trials(pd.DataFrame(rows, columns=["trial_id", "status", "best_val_miou"])).head(c.top_k)
-        return [{**self.suggested[t], CONFIRM_KEY: seed} for t in top["trial_id"] for seed in c.seeds]
+        started = list(getattr(self, "confirmed", {}).values())
+        wanted = [{**self.suggested[t], CONFIRM_KEY: seed} for t in top["trial_id"] for seed in c.seeds]
+        return [p for p in wanted if p not in started]
+
+    def has_more(self) -> bool:
+        """Trials left to suggest: search trials under `tune.num_samples`, or confirmations."""
+        return self.started < self.cfg.tune.num_samples or bool(self.pending_confirmations())
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         grace, max_t, rf = asha_schedule(self.cfg)
@@ -325,7 +338,17 @@ class SearchSchedule(Searcher, _FromRecord):
             with self.fs.open_input_stream(self.copy_path) as f:
                 state = pickle.loads(f.read())
         self.__dict__.update(state)
+        if "confirmed" not in state:  # saved before confirmations were kept by trial
+            self.confirmed = dict(zip(self.confirm_ids, state.get("confirmations") or [], strict=False))
+        self._sync_startup_trials()
         self._restored = True
+
+    def _sync_startup_trials(self) -> None:
+        """The restored TPE's random start-up count, as the record derives it now: a search extended to N
+        samples (`--accept tune.num_samples`) samples as a search started with N would, and as its plan says."""
+        study = getattr(self.inner, "_ot_study", None)
+        if study is not None and isinstance(study.sampler, TPESampler):
+            study.sampler._n_startup_trials = startup_trials(self.cfg)  # Optuna has no setter
 
     def _refuse_a_silent_restart(self) -> None:
         """Tune falls back to a fresh experiment when it cannot restore one ("Restarting experiment"): the
@@ -339,6 +362,21 @@ class SearchSchedule(Searcher, _FromRecord):
                 "Start a new run.name, or move the experiment folder away to start again"
             )
         self._restored = True  # a fresh search: nothing to lose
+
+
+class ExtendableSearch(SearchGenerator):
+    """Tune's wrapper of a `SearchSchedule`, which a resume can extend.
+
+    Tune saves "the searcher has finished" with the experiment, and a restored search that had finished
+    never asks its searcher again. After `--resume --accept tune.num_samples` (or `tune.confirm.*`), the
+    record asks for more trials: the flag is cleared when the restored searcher has some left to suggest.
+    """
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        if self._finished and self.searcher.has_more():
+            print("resume: the search had finished; the config asks for more trials", flush=True)
+            self._finished = False
 
 
 def _rows(fs: Any, path: str) -> int:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raycontrast.analyze import best_trials, confirmation_verdict, rank_configs, startup_overhead
+import pandas as pd
+
+from raycontrast.analyze import best_trials, confirmation_verdict, rank_configs, rank_trials, startup_overhead
 from raycontrast.config import Config, apply_overrides
 from raycontrast.results import load_results, trial_config
 
-__all__ = ["SearchOutcome", "summarise_search"]
+__all__ = ["SearchOutcome", "search_unfinished", "summarise_search"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,19 @@ class SearchOutcome:
     worker_seconds: float = 0.0
     disk_bytes: int = 0  # checkpoints the ended trials keep on storage
     wall_s: float = 0.0
+
+
+def search_unfinished(cfg: Config, trials: pd.DataFrame, searched: list[str]) -> bool:
+    """Whether trials the config asks for have not ended: `tune.num_samples` search trials (run with
+    `run.seed`), then one confirmation trial per config of the search's top `tune.confirm.top_k` and seed."""
+    ended = trials[trials["status"] != "RUNNING"]
+    if int((ended["run.seed"] == cfg.run.seed).sum()) < cfg.tune.num_samples:
+        return True
+    c = cfg.tune.confirm
+    top = rank_trials(trials[trials["run.seed"] == cfg.run.seed]).head(c.top_k)
+    done = set(ended[[*searched, "run.seed"]].itertuples(index=False, name=None))
+    wanted = [(*row, seed) for row in top[searched].itertuples(index=False, name=None) for seed in c.seeds]
+    return any(w not in done for w in wanted)
 
 
 def summarise_search(

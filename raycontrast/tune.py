@@ -44,6 +44,7 @@ from raycontrast.search import (
     METRIC,
     MODE,
     SCHEDULER_FILE,
+    ExtendableSearch,
     RungScheduler,
     SearchSchedule,
     TablesCallback,
@@ -64,7 +65,7 @@ from raycontrast.storage import (
     run_storage,
     write_atomic,
 )
-from raycontrast.summary import SearchOutcome, summarise_search
+from raycontrast.summary import SearchOutcome, search_unfinished, summarise_search
 from raycontrast.tables import TABLES
 from raycontrast.train import (
     abandon,
@@ -287,6 +288,15 @@ def _sigterm_stops_gracefully() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _make_extendable(tuner: tune.Tuner) -> None:
+    """A search saved before `ExtendableSearch` existed holds the bare `SearchSchedule`, which Tune wraps in a
+    generator that, once finished, never asks it again: wrap it, so `--accept tune.num_samples` extends it
+    too (Ray 2.60 keeps the restored `TuneConfig` in the tuner's `_local_tuner._tune_config`)."""
+    tune_config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    if tune_config is not None and isinstance(tune_config.search_alg, SearchSchedule):
+        tune_config.search_alg = ExtendableSearch(tune_config.search_alg)
+
+
 def _tuner(
     cfg: Config, storage: Storage, plan: Plan, sharing: Sharing, params: list[Param], resume: bool
 ) -> tune.Tuner:
@@ -296,9 +306,11 @@ def _tuner(
     trainable = tune.with_resources(driver, plan.driver_resources())
     if resume:
         print(f"resuming search from {storage.ray(name)}", flush=True)
-        return tune.Tuner.restore(
+        restored = tune.Tuner.restore(
             storage.ray(name), trainable=trainable, resume_errored=True, storage_filesystem=storage.ray_fs
         )
+        _make_extendable(restored)
+        return restored
     folder = storage.path(name)
     points = _encode_points(initial_points(cfg, params), json_keys) or None
     searcher = SearchSchedule(optuna_search(cfg, points), storage.fs, folder)
@@ -309,7 +321,7 @@ def _tuner(
         tune_config=tune.TuneConfig(
             metric=METRIC,  # set once here: passed on to the searcher and the scheduler
             mode=MODE,
-            search_alg=searcher,
+            search_alg=ExtendableSearch(searcher),
             scheduler=scheduler,
             num_samples=-1,  # the searcher counts (tune.num_samples of the record: a resume may raise it)
         ),
@@ -360,11 +372,8 @@ def run_search(
         tuner = _tuner(cfg, storage, plan, sharing, params, resume)
         with _sigterm_stops_gracefully():
             tuner.fit()
-    tables = storage.path(name, "tables")
-    done = 0
+    tables, searched, interrupted = storage.path(name, "tables"), [p.key for p in params], True
     if exists(storage.fs, posixpath.join(tables, f"{TABLES[0]}.parquet")):
         trials = load_results(tables, filesystem=storage.fs)["trials"]
-        done = int((trials["status"] != "RUNNING").sum())
-    interrupted = done < cfg.tune.num_samples
-    searched = [p.key for p in params]
+        interrupted = search_unfinished(cfg, trials, searched)
     return summarise_search(cfg, storage.path(name), storage.fs, searched, time.time() - t0, interrupted)

@@ -244,3 +244,38 @@ def test_configs_run_with_several_seeds_are_ranked_by_their_mean(tmp_path):
     md = Path(report.paths["report"]).read_text()
     assert "## Confirmed across seeds" in md and "| 1 | 0.2 | 0.5 | 0 | 0.4800 ± 0.0100 | [0, 1, 2] |" in md
     assert rank_configs(trials[trials["run.seed"] == 0]).empty  # one seed per config: nothing to rank
+
+
+def test_a_search_is_unfinished_until_its_samples_and_confirmations_end(tmp_path):
+    """What the summary calls interrupted: fewer ended search trials than tune.num_samples, or a
+    (top config, seed) of tune.confirm without an ended trial, whatever else ran (an extended search keeps
+    the confirmations of its old top configs)."""
+    from raycontrast.summary import search_unfinished
+
+    base = load_config(SMOKE, {"tune.num_samples": 3, "tune.confirm.top_k": 1, "tune.confirm.seeds": [1]})
+    w = ResultsWriter(
+        tmp_path / "exp" / "tables", class_names=CLASSES, searched_keys=SEARCHED, target_iterations=6
+    )
+
+    def trial(tid: str, t: float, v: float, seed: int = 0, status: str = "TERMINATED") -> None:
+        flat = flatten(apply_overrides(base, {"loss.temperature": t, "run.seed": seed}))
+        w.on_trial_start(tid, flat)
+        w.on_report(tid, flat, _metrics(6, v, 0))
+        if status != "RUNNING":
+            w.on_trial_end(tid, status)
+        w.flush()
+
+    def unfinished() -> bool:
+        return search_unfinished(base, load_results(tmp_path / "exp")["trials"], SEARCHED)
+
+    trial("s0", 0.1, 0.4)
+    trial("s1", 0.2, 0.5)
+    trial("s2", 0.3, 0.3, status="RUNNING")
+    assert unfinished()  # 2 of 3 search trials ended
+    trial("s2", 0.3, 0.3)
+    trial("c0", 0.1, 0.6, seed=1)  # a confirmation of an old top config (0.1), not of today's (0.2)
+    assert unfinished()
+    trial("c1", 0.2, 0.45, seed=1, status="RUNNING")
+    assert unfinished()
+    trial("c1", 0.2, 0.45, seed=1)
+    assert not unfinished()

@@ -66,6 +66,23 @@ def test_more_samples_only_when_accepted_and_only_more(tmp_path):
         experiment.check_resume(_record(cfg), cfg, accept=["optim.lr"])
 
 
+def test_confirmation_may_grow_on_resume_when_accepted(tmp_path):
+    """More of the best configs, or more seeds after the old ones: the new confirmation trials run, the old
+    ones stay what the record says. Fewer, or other seeds, would leave trials the record does not describe."""
+    cfg = tiny_config(tmp_path, **{"tune.confirm.top_k": 1, "tune.confirm.seeds": [1]})
+    keys = ["tune.confirm.top_k", "tune.confirm.seeds"]
+    grown = apply_overrides(cfg, {"tune.confirm.top_k": 2, "tune.confirm.seeds": [1, 2]})
+    with pytest.raises(
+        ConfigError, match=r"tune.confirm.seeds: \[1\] -> \[1, 2\] \(--accept tune.confirm.seeds"
+    ):
+        experiment.check_resume(_record(cfg), grown)
+    applied = experiment.check_resume(_record(cfg), grown, accept=keys)
+    assert [a.split(":")[0] for a in applied] == ["tune.confirm.seeds", "tune.confirm.top_k"]
+    for sets in ({"tune.confirm.top_k": 0}, {"tune.confirm.seeds": [2]}, {"tune.confirm.seeds": [2, 1]}):
+        with pytest.raises(ConfigError, match="changes results"):
+            experiment.check_resume(_record(cfg), apply_overrides(cfg, sets), accept=keys)
+
+
 def test_a_train_resume_with_another_config_is_refused_before_training(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.iterations": 2})
     train.fit(cfg)

@@ -88,14 +88,20 @@ def test_a_searcher_state_cut_short_by_a_kill_is_restored_from_storage(tmp_path,
     """Tune copies its searcher file to storage after the experiment state; a driver killed during that copy
     leaves it empty or cut short, and Tune would then restart the whole search from scratch. The copy the
     searcher itself wrote atomically at the same save is used instead."""
+    from pathlib import Path
+
     import pyarrow.fs as pafs
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
+    from raycontrast.config import load_config
+    from raycontrast.experiment import ExperimentRecord
     from raycontrast.search import SearchSchedule
 
     fs, folder = pafs.LocalFileSystem(), str(tmp_path / "exp")
     fs.create_dir(folder)
+    smoke = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+    ExperimentRecord(smoke.model_dump(mode="json"), {}).write(fs, folder)  # written at every start
     inner = OptunaSearch(space={"x": tune.uniform(0, 1)}, seed=3)
     inner.set_search_properties("val_miou", "max", {})
     first = SearchSchedule(inner, fs, folder)
@@ -204,3 +210,89 @@ def test_the_best_configs_are_confirmed_with_more_seeds_once_the_search_ends(tmp
             asha.on_trial_result(None, Trial, {"iteration": it, "val_miou": 0.0}) == TrialScheduler.CONTINUE
         )
     assert all(not records for _, records in asha.rungs.to_dict()["records"])  # nor counted in a rung
+
+
+def test_a_finished_search_extended_on_resume_runs_only_what_is_new(tmp_path):
+    """Tune saves "the searcher has finished" and never asks a restored finished searcher again; after
+    `--resume --accept tune.num_samples tune.confirm.top_k`, `ExtendableSearch` asks it: one more search
+    trial, then the confirmations of the new top configs that have not run (none twice)."""
+    import sys
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from ray.tune.search import Searcher
+
+    from raycontrast.config import load_config
+    from raycontrast.experiment import ExperimentRecord
+    from raycontrast.search import ExtendableSearch, SearchSchedule
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    sets = {"tune.num_samples": 2, "tune.max_concurrent_trials": 2, "tune.confirm.seeds": [5]}
+    fs, folder, state = pafs.LocalFileSystem(), str(tmp_path / "exp"), str(tmp_path / "tune")
+    fs.create_dir(folder)
+    fs.create_dir(state)
+    end = load_config(smoke).train.iterations
+
+    def record(**more) -> None:
+        cfg = load_config(smoke, {**sets, **more})
+        ExperimentRecord(cfg.model_dump(mode="json"), {}).write(fs, folder)
+
+    def run(search: SearchSchedule, tid: str, miou: float) -> dict:
+        params = search.suggest(tid)
+        search.on_trial_result(tid, {"val_miou": miou, "iteration": end})
+        search.on_trial_complete(tid, {"val_miou": miou, "iteration": end})
+        return params
+
+    record(**{"tune.confirm.top_k": 1})
+    search = SearchSchedule(_RecordingSearcher(), fs, folder)
+    search._restored = True
+    gen = ExtendableSearch(search)
+    gen._total_samples = sys.maxsize  # what Tune sets for num_samples=-1 (the searcher counts)
+    assert [run(search, t, m)["loss.temperature"] for t, m in (("t0", 0.3), ("t1", 0.5))] == [0.1, 0.2]
+    assert run(search, "c0", 0.6) == {"loss.temperature": 0.2, "run.seed": 5}
+    assert search.suggest("c1") == Searcher.FINISHED
+    gen.set_finished()
+    gen.save_to_dir(state, "s1")
+
+    again = ExtendableSearch(SearchSchedule(_RecordingSearcher(), fs, folder))
+    again.restore_from_dir(state)
+    assert again.is_finished()  # the same config: nothing new
+
+    record(**{"tune.num_samples": 3, "tune.confirm.top_k": 2})
+    again = ExtendableSearch(SearchSchedule(_RecordingSearcher(), fs, folder))
+    again.restore_from_dir(state)
+    assert not again.is_finished()
+    search = again.searcher
+    assert run(search, "t2", 0.4) == {"loss.temperature": 0.3}  # Optuna's 3rd suggestion
+    assert search.suggest("c1") == {"loss.temperature": 0.3, "run.seed": 5}  # the new 2nd best only
+    assert search.suggest("c2") == Searcher.FINISHED
+
+
+def test_a_resumed_tpe_starts_up_as_the_extended_search_would():
+    """The TPE start-up count is derived from `tune.num_samples`: a search extended from 16 to 40 samples
+    samples as a 40-sample search, as its plan says, not with the 16-sample count it was pickled with."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from raycontrast.config import load_config
+    from raycontrast.experiment import ExperimentRecord
+    from raycontrast.search import SearchSchedule, optuna_search
+    from raycontrast.space import startup_trials
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    small, large = (load_config(smoke, {"tune.num_samples": n}) for n in (16, 40))
+    assert startup_trials(small) != startup_trials(large)
+    with tempfile.TemporaryDirectory() as tmp:
+        fs, folder = pafs.LocalFileSystem(), f"{tmp}/exp"
+        fs.create_dir(folder)
+        ExperimentRecord(small.model_dump(mode="json"), {}).write(fs, folder)
+        inner = optuna_search(small, None)
+        inner.set_search_properties("val_miou", "max", {"loss.temperature": tune.uniform(0.05, 0.2)})
+        SearchSchedule(inner, fs, folder).save(f"{tmp}/searcher.pkl")
+        ExperimentRecord(large.model_dump(mode="json"), {}).write(fs, folder)
+        again = SearchSchedule(optuna_search(small, None), fs, folder)
+        again.restore(f"{tmp}/searcher.pkl")
+        assert again.inner._ot_study.sampler._n_startup_trials == startup_trials(large)

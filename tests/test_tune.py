@@ -280,7 +280,8 @@ def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, ray_cluster)
 
 def test_a_confirmed_search_runs_its_best_config_again_with_another_seed(tmp_path, ray_cluster) -> None:
     """`tune.confirm`: once the search's trials end, its best config runs again with seed 1, as a trial of the
-    same experiment: trained from scratch (another seed changes the shared warm-up), never told to Optuna."""
+    same experiment: trained from scratch (another seed changes the shared warm-up), never told to Optuna.
+    Then the finished search is extended on --resume (more samples, a larger top_k)."""
     import pickle
 
     keys = ["loss.temperature", "loss.weight", "memory.size"]
@@ -291,6 +292,7 @@ def test_a_confirmed_search_runs_its_best_config_again_with_another_seed(tmp_pat
     trials = tables["trials"].sort_values("started_at")
     assert trials["run.seed"].tolist() == [0, 0, 1] and (trials["status"] == "TERMINATED").all()
     search, confirm = trials.iloc[:2], trials.iloc[2]
+    searched_first = search["trial_id"].tolist()
     best = search.sort_values("best_val_miou", ascending=False, kind="stable").iloc[0]
     assert confirm[keys].tolist() == best[keys].tolist()
     assert (search["forked_at"] == 2).all() and pd.isna(confirm["forked_at"])
@@ -300,6 +302,21 @@ def test_a_confirmed_search_runs_its_best_config_again_with_another_seed(tmp_pat
     with max(Path(out.experiment_path).glob("searcher-state-*.pkl")).open("rb") as f:
         study = pickle.load(f)["inner"]._ot_study.trials
     assert [t.params["loss.temperature"] for t in study] == pytest.approx(search["loss.temperature"].tolist())
+    assert not out.interrupted
+
+    # The finished search, extended on --resume: one more search trial, then the new top 2 with seed 1,
+    # each (config, seed) once: the best config's seed-1 trial does not run again.
+    more = {"tune.num_samples": 3, "tune.confirm.top_k": 2, "tune.confirm.seeds": [1]}
+    out = tune_mod.run_search(
+        _smoke(tmp_path, **{**sets, **more}), resume=True, accept=["tune.num_samples", "tune.confirm.top_k"]
+    )
+    tables, _ = check_tables_against_tune(out.experiment_path, keys)
+    trials = tables["trials"].sort_values("started_at")
+    assert not out.interrupted and (trials["status"] == "TERMINATED").all()
+    search, confirm = trials[trials["run.seed"] == 0], trials[trials["run.seed"] == 1]
+    assert len(search) == 3 and search["trial_id"].iloc[:2].tolist() == searched_first
+    top2 = search.sort_values("best_val_miou", ascending=False, kind="stable").head(2)
+    assert sorted(map(tuple, confirm[keys].values.tolist())) == sorted(map(tuple, top2[keys].values.tolist()))
 
 
 def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
