@@ -314,13 +314,14 @@ def test_a_node_that_cannot_read_the_data_is_named_then_left_out(cluster, tmp_pa
     ) as err:
         tune_mod.run_search(load_config(SMOKE, sets), address=cluster.address)
     assert err.value.key == "tune.bad_nodes"
+    from ray.util.state import list_actors
+
+    before = {a["actor_id"] for a in list_actors(limit=10_000)}  # the module's earlier tests' actors
     out = tune_mod.run_search(
         load_config(SMOKE, {**sets, "run.name": "excluded", "tune.bad_nodes": "exclude"}),
         address=cluster.address,
     )
     assert out.num_finished == 1
-    from ray.util.state import list_actors
-
     workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
     assert (
         workers
@@ -329,5 +330,11 @@ def test_a_node_that_cannot_read_the_data_is_named_then_left_out(cluster, tmp_pa
     )
     assert json.loads(json.dumps(out.status_counts)) == {"TERMINATED": 1}
     # Trial drivers go to the head, which offers the driver resource (and so do their Train controllers).
-    trial_actors = list_actors(filters=[("class_name", "=", "ImplicitFunc")])
+    # This search's trial actors: Ray names the class `ImplicitFunc` or by its qualified name
+    # (`wrap_function.<locals>.ImplicitFunc`), depending on what the driver process created before.
+    trial_actors = [
+        a
+        for a in list_actors(limit=10_000)
+        if a["actor_id"] not in before and a["class_name"].endswith("ImplicitFunc")
+    ]
     assert trial_actors and {a["node_id"] for a in trial_actors} == {cluster.cluster.head_node.node_id}
