@@ -271,7 +271,7 @@ class SearchSchedule(Searcher, _FromRecord):
             if t in self.ended
         ]
         top = rank_trials(pd.DataFrame(rows, columns=["trial_id", "status", "best_val_miou"])).head(c.top_k)
-        started = list(getattr(self, "confirmed", {}).values())
+        started = list(self.confirmed.values())  # set by __init__, or by restore for older states
         wanted = [{**self.suggested[t], CONFIRM_KEY: seed} for t in top["trial_id"] for seed in c.seeds]
         return [p for p in wanted if p not in started]
 
